@@ -1,0 +1,17 @@
+"""The GPW pair-loss family as pure functions of a similarity block.
+
+Each loss ``<name>_loss(sim, labels, *, ref_labels=None, anchor_index=None, ...)`` has an
+analytic twin ``<name>_weights`` returning ``∂L/∂S`` from its closed-form pair weights;
+``get(name)`` returns the pair. ``pair_loss_from_embeddings`` evaluates any of them from
+embeddings with the analytic weights as the backward pass, optionally in row blocks.
+"""
+
+from msjax.losses.binomial import binomial_loss, binomial_weights
+from msjax.losses.contrastive import contrastive_loss, contrastive_weights
+from msjax.losses.embeddings import ms_loss_from_embeddings, pair_loss_from_embeddings
+from msjax.losses.gpw import SELF_THRESHOLD, gpw_summary, pair_masks, prepare_pairs
+from msjax.losses.lifted import lifted_loss, lifted_weights
+from msjax.losses.ms import MS_ABLATIONS, MS_PRESETS, ms_loss, ms_mining, ms_preset, ms_weights
+from msjax.losses.registry import NAMES, PairLoss, get
+from msjax.losses.summary import batch_gpw_summary
+from msjax.losses.triplet import triplet_loss, triplet_weights

@@ -1,0 +1,242 @@
+"""Pair losses evaluated from embeddings, with the analytic GPW weights as the backward pass.
+
+For ``S = Q Rᵀ`` and ``W = ∂L/∂S`` (the loss's closed-form weights), the chain rule gives
+``∂L/∂Q = W R`` and ``∂L/∂R = Wᵀ Q``; for the square batch ``Q = R = E`` it is
+``∂L/∂E = (W + Wᵀ) E``. So the value and gradient cost two ``B×B×D`` matmuls (the
+floor) plus elementwise work, and nothing is differentiated through masks or sorts.
+
+``block_size`` evaluates the anchors in row blocks: each block's similarity rows, loss and
+weights are formed, used for its share of the gradient, and dropped, so the peak memory is
+O(block_size × B) instead of O(B²). The value and gradient equal the unblocked ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from msjax.losses import gpw, registry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Static description of the loss: hashable, so it can be a non-differentiable argument."""
+
+  name: str
+  hparams: tuple  # sorted (keyword, value) items, Python scalars
+  batch_size: int
+  precision: Any
+
+  def similarity(self, q, r):
+    dtype = gpw.compute_dtype(jnp.result_type(q, r))
+    return jnp.matmul(q, r.T, precision=self.precision, preferred_element_type=dtype)
+
+  def value(self, sim, labels, ref_labels, anchor_index):
+    return registry.get(self.name).loss(sim, labels, **self._kwargs(ref_labels, anchor_index))
+
+  def weights(self, sim, labels, ref_labels, anchor_index):
+    return registry.get(self.name).weights(sim, labels, **self._kwargs(ref_labels, anchor_index))
+
+  def _kwargs(self, ref_labels, anchor_index):
+    return dict(self.hparams, ref_labels=ref_labels, anchor_index=anchor_index,
+                batch_size=self.batch_size)
+
+  def matmul(self, a, b):
+    return jnp.matmul(a, b, precision=self.precision)
+
+
+# --- the whole block at once: square (2 matmuls) and rectangular (3 matmuls) -------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _square(spec, emb, labels, anchor_index):
+  return spec.value(spec.similarity(emb, emb), labels, labels, anchor_index)
+
+
+def _square_fwd(spec, emb, labels, anchor_index):
+  sim = spec.similarity(emb, emb)
+  value = spec.value(sim, labels, labels, anchor_index)
+  return value, (spec.weights(sim, labels, labels, anchor_index), emb)
+
+
+def _square_bwd(spec, residuals, g):
+  weights, emb = residuals
+  d_emb = spec.matmul(weights + weights.T, emb.astype(weights.dtype))
+  return (g * d_emb).astype(emb.dtype), None, None
+
+
+_square.defvjp(_square_fwd, _square_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rect(spec, q, r, labels, ref_labels, anchor_index):
+  return spec.value(spec.similarity(q, r), labels, ref_labels, anchor_index)
+
+
+def _rect_fwd(spec, q, r, labels, ref_labels, anchor_index):
+  sim = spec.similarity(q, r)
+  value = spec.value(sim, labels, ref_labels, anchor_index)
+  return value, (spec.weights(sim, labels, ref_labels, anchor_index), q, r)
+
+
+def _rect_bwd(spec, residuals, g):
+  weights, q, r = residuals
+  d_q = spec.matmul(weights, r.astype(weights.dtype))
+  d_r = spec.matmul(weights.T, q.astype(weights.dtype))
+  return (g * d_q).astype(q.dtype), (g * d_r).astype(r.dtype), None, None, None
+
+
+_rect.defvjp(_rect_fwd, _rect_bwd)
+
+
+# --- row blocks: O(block × B) memory -----------------------------------------------------
+
+
+def _split_rows(x, block_size):
+  """``x[:n·blk]`` as ``[n, blk, ...]`` and the remaining ``x[n·blk:]``."""
+  n = x.shape[0] // block_size
+  return x[: n * block_size].reshape((n, block_size) + x.shape[1:]), x[n * block_size:]
+
+
+def _over_row_blocks(step, carry, block_size, q, labels, anchor_index):
+  """Runs ``step(carry, (q_b, labels_b, index_b)) -> (carry, out)`` over row blocks.
+
+  Whole blocks go through ``lax.scan`` (one compiled body, buffers reused); a last
+  partial block, if any, is one more call. Returns the carry and the outputs of every
+  row block in order: the scan's stacked outputs, then the tail's.
+  """
+  heads, tails = zip(*(_split_rows(x, block_size) for x in (q, labels, anchor_index)))
+  outs = []
+  if heads[0].shape[0]:
+    carry, out = jax.lax.scan(step, carry, heads)
+    outs.append(out)
+  if tails[0].shape[0]:
+    carry, out = step(carry, tails)
+    outs.append(out)
+  return carry, outs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blocked(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_index):
+  def step(carry, xs):
+    q_b, labels_b, index_b = xs
+    return carry, spec.value(spec.similarity(q_b, r), labels_b, ref_labels, index_b)
+
+  _, outs = _over_row_blocks(step, None, block_size, q, labels, anchor_index)
+  return sum(jnp.sum(o) for o in outs)
+
+
+def _blocked_fwd(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_index):
+  r_c = r.astype(gpw.compute_dtype(r.dtype))
+
+  def step(d_r, xs):
+    q_b, labels_b, index_b = xs
+    sim = spec.similarity(q_b, r)
+    value = spec.value(sim, labels_b, ref_labels, index_b)
+    weights = spec.weights(sim, labels_b, ref_labels, index_b)
+    d_r = d_r + spec.matmul(weights.T, q_b.astype(weights.dtype))
+    return d_r, (value, spec.matmul(weights, r_c))
+
+  d_r, outs = _over_row_blocks(step, jnp.zeros_like(r_c), block_size, q, labels,
+                               anchor_index)
+  value = sum(jnp.sum(v) for v, _ in outs)
+  d_q = jnp.concatenate([dq.reshape(-1, q.shape[1]) for _, dq in outs], axis=0)
+  return value, (d_q, d_r)
+
+
+def _blocked_bwd(spec, block_size, dtypes, residuals, g):
+  (d_q, d_r), (q_dtype, r_dtype) = residuals, dtypes
+  return (g * d_q).astype(q_dtype), (g * d_r).astype(r_dtype), None, None, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+# --- public ------------------------------------------------------------------------------
+
+
+def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_labels=None,
+                              anchor_index=None, block_size=None, batch_size=None,
+                              precision=jax.lax.Precision.HIGHEST, **hparams):
+  """``loss(emb @ ref_embᵀ, labels, ...)`` with its analytic GPW weights as the gradient.
+
+  Args:
+    emb: ``[Bq, D]`` anchor embeddings (L2-normalised by the embedding head).
+    labels: ``[Bq]`` anchor labels.
+    loss: a registry name (``msjax.losses.NAMES``).
+    ref_emb, ref_labels: ``[Br, D]`` and ``[Br]`` reference embeddings and labels (for
+      example the gathered global batch or a cross-batch memory); ``None`` for the
+      square batch, where ``ref_emb = emb``.
+    anchor_index: ``[Bq]`` each anchor's row in ``ref_emb``, ``-1`` for none; defaults
+      as in the similarity-level losses.
+    block_size: evaluate anchors in row blocks of this many rows (peak memory
+      O(block_size × Br)); ``None`` for one block. Blocking costs one extra
+      ``B×B×D`` matmul on the square batch (3 instead of 2).
+    batch_size: the m of ``1/m``; defaults to ``Bq``.
+    precision: of the similarity matmul. HIGHEST by default because mining and the
+      by-value self-pair drop (``S >= 1 − 1e-5``) are decided on these values; a
+      bfloat16/TF32 pass (~1e-3 relative error) moves those decisions.
+    **hparams: the loss's hyper-parameters (Python scalars and strings), for example
+      ``alpha=2.0, beta=40.0`` or ``**msjax.losses.ms_preset("paper")``.
+
+  Returns:
+    The scalar loss; ``jax.grad`` through it uses the analytic weights.
+  """
+  registry.get(loss)  # validates the name
+  emb = jnp.asarray(emb)
+  labels = jnp.asarray(labels)
+  if emb.ndim != 2:
+    raise ValueError(f"msjax.losses.pair_loss_from_embeddings: `emb` must be [B, D], got shape {emb.shape}.")
+  if labels.shape != emb.shape[:1]:
+    raise ValueError(
+        "msjax.losses.pair_loss_from_embeddings: `labels` has shape "
+        f"{labels.shape} but `emb` has {emb.shape[0]} rows; pass one label per row.")
+  if block_size is not None and (not isinstance(block_size, numbers.Integral) or block_size <= 0):
+    raise ValueError(f"msjax.losses.pair_loss_from_embeddings: `block_size` must be a positive int or None, got {block_size!r}.")
+  if batch_size is None:
+    batch_size = emb.shape[0]
+  spec = _Spec(loss, tuple(sorted(hparams.items())), batch_size, precision)
+
+  if ref_emb is None:
+    if ref_labels is not None:
+      raise ValueError("msjax.losses.pair_loss_from_embeddings: `ref_labels` given without `ref_emb`.")
+    if anchor_index is None:
+      anchor_index = jnp.arange(emb.shape[0], dtype=jnp.int32)
+    # Validate shapes and hyper-parameters once, on an abstract similarity block.
+    jax.eval_shape(lambda s: spec.value(s, labels, labels, anchor_index),
+                   jax.ShapeDtypeStruct((emb.shape[0],) * 2, gpw.compute_dtype(emb.dtype)))
+    if block_size is None or block_size >= emb.shape[0]:
+      return _square(spec, emb, labels, anchor_index)
+    return _blocked(spec, int(block_size), (emb.dtype,) * 2, emb, emb, labels, labels, anchor_index)
+
+  ref_emb = jnp.asarray(ref_emb)
+  if ref_labels is None:
+    raise ValueError("msjax.losses.pair_loss_from_embeddings: `ref_emb` given without `ref_labels`.")
+  if ref_emb.ndim != 2 or ref_emb.shape[1] != emb.shape[1]:
+    raise ValueError(
+        "msjax.losses.pair_loss_from_embeddings: `ref_emb` must be [Br, D] with the "
+        f"same D as `emb` {emb.shape}, got {ref_emb.shape}.")
+  ref_labels = jnp.asarray(ref_labels)
+  if anchor_index is None:
+    anchor_index = jnp.full((emb.shape[0],), -1, dtype=jnp.int32)
+  anchor_index = jnp.asarray(anchor_index)
+  jax.eval_shape(lambda s: spec.value(s, labels, ref_labels, anchor_index),
+                 jax.ShapeDtypeStruct((emb.shape[0], ref_emb.shape[0]),
+                                      gpw.compute_dtype(emb.dtype)))
+  if block_size is None or block_size >= emb.shape[0]:
+    return _rect(spec, emb, ref_emb, labels, ref_labels, anchor_index)
+  return _blocked(spec, int(block_size), (emb.dtype, ref_emb.dtype), emb, ref_emb, labels, ref_labels, anchor_index)
+
+
+def ms_loss_from_embeddings(emb, labels, *, block_size=None, **kwargs):
+  """MS loss from embeddings (``pair_loss_from_embeddings`` with ``loss="ms"``).
+
+  With ``block_size`` it is the row-blocked MS loss for huge batches: identical value
+  and gradient to ``ms_loss(emb @ embᵀ, labels)`` with peak memory O(block_size × B).
+  """
+  return pair_loss_from_embeddings(emb, labels, loss="ms", block_size=block_size, **kwargs)

@@ -1,0 +1,78 @@
+"""Batch-all triplet loss in GPW form (Hoffer & Ailon 2015; Schroff et al. 2015), on cosine similarities.
+
+    L = 1/m Σ_i Σ_{p∈P_i} Σ_{n∈N_i} [S_in − S_ip + margin]_+
+
+A pair's weight is the number of active triplets it belongs to (Similarity-P: relative to
+the positives): ``w⁻_in = #{p ∈ P_i : S_in > S_ip − margin}``,
+``w⁺_ip = #{n ∈ N_i : S_in > S_ip − margin}``, each /m. A triplet is active when
+``S_in > S_ip − margin`` (strict; at equality its gradient is 0).
+
+Nothing of size B³ is built: per anchor, the negatives are sorted once and each positive
+finds its active negatives and their sum by binary search, O(B² log B) in all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from msjax.losses import gpw
+
+
+def _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair, name):
+  gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
+  try:
+    if float(margin) < 0:
+      raise ValueError(f"msjax.losses.{name}: `margin` must be >= 0, got {margin!r}.")
+  except (jax.errors.ConcretizationTypeError, TypeError):
+    pass
+  return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+                           batch_size=batch_size, loss_name=name)
+
+
+
+
+def _count_greater(sorted_values, queries):
+  """Row-wise ``#{j : sorted_values[j] > q}`` for each query (rows sorted ascending)."""
+  below_or_equal = jax.vmap(lambda v, q: jnp.searchsorted(v, q, side="right"))(
+      sorted_values, queries)
+  return sorted_values.shape[-1] - below_or_equal, below_or_equal
+
+
+def triplet_loss(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
+                 self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+  """Batch-all triplet loss (formula in the module docstring). Returns a scalar."""
+  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
+                   "triplet_loss")
+  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
+  s = pairs.sim
+  # Non-negatives sort first as -inf and are never "greater" than a finite threshold.
+  neg_sorted = jnp.sort(jnp.where(neg, s, -jnp.inf), axis=-1)
+  finite = jnp.where(jnp.isfinite(neg_sorted), neg_sorted, 0.0)
+  # suffix[k] = Σ_{j >= k} neg_sorted[j], with suffix[Br] = 0.
+  suffix = jnp.concatenate(
+      [jnp.cumsum(finite[:, ::-1], axis=-1)[:, ::-1], jnp.zeros_like(finite[:, :1])], axis=-1)
+  threshold = s - margin  # per (anchor, positive) column
+  count, first = _count_greater(jax.lax.stop_gradient(neg_sorted),
+                                jax.lax.stop_gradient(threshold))
+  active_sum = jnp.take_along_axis(suffix, first, axis=-1)
+  per_positive = active_sum - count * threshold
+  return jnp.sum(jnp.where(pos, per_positive, 0.0)) / pairs.batch_size
+
+
+def triplet_weights(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
+                    self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+  """Analytic ``∂triplet_loss/∂S``: active-triplet counts, ``+`` on negatives, ``−`` on positives, /m."""
+  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
+                   "triplet_weights")
+  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
+  s = pairs.sim
+  threshold = s - margin
+  # w⁺_ip: negatives above the positive's threshold.
+  neg_sorted = jnp.sort(jnp.where(neg, s, -jnp.inf), axis=-1)
+  w_pos, _ = _count_greater(neg_sorted, threshold)
+  # w⁻_in: positives whose threshold lies below S_in (thresholds of non-positives = +inf).
+  thr_sorted = jnp.sort(jnp.where(pos, threshold, jnp.inf), axis=-1)
+  w_neg = jax.vmap(lambda t, q: jnp.searchsorted(t, q, side="left"))(thr_sorted, s)
+  weights = jnp.where(neg, w_neg, 0) - jnp.where(pos, w_pos, 0)
+  return weights.astype(s.dtype) / pairs.batch_size

@@ -13,6 +13,8 @@ finds its active negatives and their sum by binary search, O(B² log B) in all.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -32,10 +34,17 @@ def _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pai
 
 
 
+# Row-wise binary searches; module-level so that eager calls hit the compilation cache.
+_rows_searchsorted_right = jax.vmap(functools.partial(jnp.searchsorted, side="right"))
+_rows_searchsorted_left = jax.vmap(functools.partial(jnp.searchsorted, side="left"))
+
+
 def _count_greater(sorted_values, queries):
-  """Row-wise ``#{j : sorted_values[j] > q}`` for each query (rows sorted ascending)."""
-  below_or_equal = jax.vmap(lambda v, q: jnp.searchsorted(v, q, side="right"))(
-      sorted_values, queries)
+  """Row-wise ``#{j : sorted_values[j] > q}`` for each query (rows sorted ascending).
+
+  Also returns the index of the first such value (``Br`` when there is none).
+  """
+  below_or_equal = _rows_searchsorted_right(sorted_values, queries)
   return sorted_values.shape[-1] - below_or_equal, below_or_equal
 
 
@@ -73,6 +82,6 @@ def triplet_weights(sim, labels, *, ref_labels=None, anchor_index=None, margin=0
   w_pos, _ = _count_greater(neg_sorted, threshold)
   # w⁻_in: positives whose threshold lies below S_in (thresholds of non-positives = +inf).
   thr_sorted = jnp.sort(jnp.where(pos, threshold, jnp.inf), axis=-1)
-  w_neg = jax.vmap(lambda t, q: jnp.searchsorted(t, q, side="left"))(thr_sorted, s)
+  w_neg = _rows_searchsorted_left(thr_sorted, s)
   weights = jnp.where(neg, w_neg, 0) - jnp.where(pos, w_pos, 0)
   return weights.astype(s.dtype) / pairs.batch_size

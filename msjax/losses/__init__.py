@@ -9,6 +9,7 @@ embeddings with the analytic weights as the backward pass, optionally in row blo
 from msjax.losses.binomial import binomial_loss, binomial_weights
 from msjax.losses.contrastive import contrastive_loss, contrastive_weights
 from msjax.losses.embeddings import ms_loss_from_embeddings, pair_loss_from_embeddings
+from msjax.losses.global_batch import global_batch_loss
 from msjax.losses.gpw import SELF_THRESHOLD, gpw_summary, pair_masks, prepare_pairs
 from msjax.losses.lifted import lifted_loss, lifted_weights
 from msjax.losses.ms import MS_ABLATIONS, MS_PRESETS, ms_loss, ms_mining, ms_preset, ms_weights

@@ -1,0 +1,39 @@
+"""The sharded global-batch loss on 8 virtual CPU devices equals the single-device loss."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parent / "scripts" / "global_batch_check.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+  out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
+                       timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+def test_runs_on_eight_devices(report):
+  assert report["devices"] == 8
+  assert len(report["results"]) == 5 * 2 * 2
+
+
+def test_sharded_value_and_gradient_equal_single_device(report):
+  for r in report["results"]:
+    assert r["value"] == pytest.approx(r["ref_value"], rel=1e-12), r
+    assert r["grad_err"] <= 1e-12 * r["grad_scale"], r
+    assert r["grad_scale"] > 0, r
+    assert r["grad_sharding"] == "P('batch', None)", r
+
+
+def test_each_device_forms_only_its_rows_of_the_similarity_matrix(report):
+  """Per-device matmuls are [B/n, B] (or row blocks of it), never the [B, B] matrix."""
+  for r in report["results"]:
+    assert "64x64" not in r["dot_shapes"], r
+    expected_rows = "8x64" if r["block_size"] is None else "3x64"
+    assert expected_rows in r["dot_shapes"], r

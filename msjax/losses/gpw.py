@@ -108,15 +108,24 @@ def prepare_pairs(
   return Pairs(sim.astype(compute_dtype(sim.dtype)), labels, ref_labels, anchor_index, int(batch_size))
 
 
-def check_positive(loss_name: str, **values) -> None:
-  """Raises for hyper-parameters that must be > 0 (skipped for traced values)."""
+def _check_bound(loss_name: str, values: dict, ok, bound: str) -> None:
   for name, value in values.items():
     try:
       value = float(value)
     except (jax.errors.ConcretizationTypeError, TypeError):
       continue  # a traced hyper-parameter cannot be checked at trace time
-    if not value > 0:
-      raise ValueError(f"msjax.losses.{loss_name}: `{name}` must be > 0, got {value!r}.")
+    if not ok(value):
+      raise ValueError(f"msjax.losses.{loss_name}: `{name}` must be {bound}, got {value!r}.")
+
+
+def check_positive(loss_name: str, **values) -> None:
+  """Raises for hyper-parameters that must be > 0 (traced values are not checked)."""
+  _check_bound(loss_name, values, lambda v: v > 0, "> 0")
+
+
+def check_non_negative(loss_name: str, **values) -> None:
+  """Raises for hyper-parameters that must be >= 0 (traced values are not checked)."""
+  _check_bound(loss_name, values, lambda v: v >= 0, ">= 0")
 
 
 def check_choice(loss_name: str, name: str, value, choices) -> None:

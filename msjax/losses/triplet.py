@@ -21,17 +21,20 @@ import jax.numpy as jnp
 from msjax.losses import gpw
 
 
-def _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair, name):
+def _pairs(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
+           self_threshold, name):
+  """Checks inputs: ``(pairs, pos, neg, neg_sorted, threshold)``.
+
+  ``neg_sorted`` holds each row's negatives in ascending order, non-negatives first as
+  ``-inf`` (never above a finite threshold); ``threshold = S − margin`` per column.
+  """
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
-  try:
-    if float(margin) < 0:
-      raise ValueError(f"msjax.losses.{name}: `margin` must be >= 0, got {margin!r}.")
-  except (jax.errors.ConcretizationTypeError, TypeError):
-    pass
-  return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                           batch_size=batch_size, loss_name=name)
-
-
+  gpw.check_non_negative(name, margin=margin)
+  pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+                            batch_size=batch_size, loss_name=name)
+  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
+  neg_sorted = jnp.sort(jnp.where(neg, pairs.sim, -jnp.inf), axis=-1)
+  return pairs, pos, neg, neg_sorted, pairs.sim - margin
 
 
 # Row-wise binary searches; module-level so that eager calls hit the compilation cache.
@@ -51,17 +54,13 @@ def _count_greater(sorted_values, queries):
 def triplet_loss(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
                  self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """Batch-all triplet loss (formula in the module docstring). Returns a scalar."""
-  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
-                   "triplet_loss")
-  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
-  s = pairs.sim
-  # Non-negatives sort first as -inf and are never "greater" than a finite threshold.
-  neg_sorted = jnp.sort(jnp.where(neg, s, -jnp.inf), axis=-1)
+  pairs, pos, _, neg_sorted, threshold = _pairs(
+      sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair, self_threshold,
+      "triplet_loss")
   finite = jnp.where(jnp.isfinite(neg_sorted), neg_sorted, 0.0)
   # suffix[k] = Σ_{j >= k} neg_sorted[j], with suffix[Br] = 0.
   suffix = jnp.concatenate(
       [jnp.cumsum(finite[:, ::-1], axis=-1)[:, ::-1], jnp.zeros_like(finite[:, :1])], axis=-1)
-  threshold = s - margin  # per (anchor, positive) column
   count, first = _count_greater(jax.lax.stop_gradient(neg_sorted),
                                 jax.lax.stop_gradient(threshold))
   active_sum = jnp.take_along_axis(suffix, first, axis=-1)
@@ -72,13 +71,11 @@ def triplet_loss(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
 def triplet_weights(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
                     self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """Analytic ``∂triplet_loss/∂S``: active-triplet counts, ``+`` on negatives, ``−`` on positives, /m."""
-  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
-                   "triplet_weights")
-  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
+  pairs, pos, neg, neg_sorted, threshold = _pairs(
+      sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair, self_threshold,
+      "triplet_weights")
   s = pairs.sim
-  threshold = s - margin
   # w⁺_ip: negatives above the positive's threshold.
-  neg_sorted = jnp.sort(jnp.where(neg, s, -jnp.inf), axis=-1)
   w_pos, _ = _count_greater(neg_sorted, threshold)
   # w⁻_in: positives whose threshold lies below S_in (thresholds of non-positives = +inf).
   thr_sorted = jnp.sort(jnp.where(pos, threshold, jnp.inf), axis=-1)

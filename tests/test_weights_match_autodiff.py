@@ -74,3 +74,22 @@ def test_every_pair_mined_out_gives_zero_loss_and_weights():
   assert not np.any(np.asarray(jax.grad(lambda s: L.ms_loss(s, labels))(sim)))
   pos, neg, active = L.ms_mining(sim, labels)
   assert not np.any(pos) and not np.any(neg) and not np.any(active)
+
+
+MS_VARIANTS = [(a, p) for a in L.MS_ABLATIONS for p in ("released", "paper")]
+
+
+@pytest.mark.parametrize("ablation,preset", MS_VARIANTS)
+@given(batch=batches(), self_pair=st.sampled_from(["value", "index"]))
+def test_fused_ms_value_and_symmetric_weights(ablation, preset, batch, self_pair):
+  """The fused forms used by the embeddings path: (loss, W) and (loss, W + Wᵀ)."""
+  _, emb, labels = batch
+  sim = jnp.asarray(emb @ emb.T)
+  kw = dict(**L.MS_ABLATIONS[ablation], **L.ms_preset(preset), self_pair=self_pair)
+  value = L.ms_loss(sim, labels, **kw)
+  grad = jax.grad(lambda s: L.ms_loss(s, labels, **kw))(sim)
+  fused_value, weights = L.ms_value_and_weights(sim, labels, **kw)
+  sym_value, sym_weights = L.ms_value_and_symmetric_weights(sim, labels, **kw)
+  chex.assert_trees_all_close((fused_value, weights), (value, grad), atol=1e-13, rtol=1e-11)
+  chex.assert_trees_all_close((sym_value, sym_weights), (value, grad + grad.T), atol=1e-13,
+                              rtol=1e-11)

@@ -12,7 +12,8 @@ from msjax.losses.embeddings import ms_loss_from_embeddings, pair_loss_from_embe
 from msjax.losses.global_batch import global_batch_loss
 from msjax.losses.gpw import SELF_THRESHOLD, gpw_summary, pair_masks, prepare_pairs
 from msjax.losses.lifted import lifted_loss, lifted_weights
-from msjax.losses.ms import MS_ABLATIONS, MS_PRESETS, ms_loss, ms_mining, ms_preset, ms_weights
+from msjax.losses.ms import (MS_ABLATIONS, MS_PRESETS, ms_loss, ms_mining, ms_preset,
+                             ms_value_and_symmetric_weights, ms_value_and_weights, ms_weights)
 from msjax.losses.registry import NAMES, PairLoss, get
 from msjax.losses.summary import batch_gpw_summary
 from msjax.losses.triplet import triplet_loss, triplet_weights

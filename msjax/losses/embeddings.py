@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from msjax.losses import gpw, registry
+from msjax.losses import gpw, ms, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,7 @@ class _Spec:
   hparams: tuple  # sorted (keyword, value) items, Python scalars
   batch_size: int
   precision: Any
+  default_anchors: bool = True  # square batch with anchor i in column i
 
   def similarity(self, q, r):
     dtype = gpw.compute_dtype(jnp.result_type(q, r))
@@ -41,6 +42,21 @@ class _Spec:
 
   def weights(self, sim, labels, ref_labels, anchor_index):
     return registry.get(self.name).weights(sim, labels, **self._kwargs(ref_labels, anchor_index))
+
+  def value_and_weights(self, sim, labels, ref_labels, anchor_index):
+    if self.name == "ms":  # one set of row statistics serves both
+      return ms.ms_value_and_weights(sim, labels, **self._kwargs(ref_labels, anchor_index))
+    return (self.value(sim, labels, ref_labels, anchor_index),
+            self.weights(sim, labels, ref_labels, anchor_index))
+
+  def value_and_symmetric_weights(self, sim, labels, anchor_index):
+    """``(L, W + Wᵀ)`` on the square batch; MS forms ``W + Wᵀ`` without a transpose."""
+    if self.name == "ms" and self.default_anchors:
+      return ms.ms_value_and_symmetric_weights(
+          sim, labels, anchor_index=anchor_index, batch_size=self.batch_size,
+          **dict(self.hparams))
+    value, weights = self.value_and_weights(sim, labels, labels, anchor_index)
+    return value, weights + weights.T
 
   def _kwargs(self, ref_labels, anchor_index):
     return dict(self.hparams, ref_labels=ref_labels, anchor_index=anchor_index,
@@ -59,14 +75,14 @@ def _square(spec, emb, labels, anchor_index):
 
 
 def _square_fwd(spec, emb, labels, anchor_index):
-  sim = spec.similarity(emb, emb)
-  value = spec.value(sim, labels, labels, anchor_index)
-  return value, (spec.weights(sim, labels, labels, anchor_index), emb)
+  value, sym_weights = spec.value_and_symmetric_weights(spec.similarity(emb, emb), labels,
+                                                        anchor_index)
+  return value, (sym_weights, emb)
 
 
 def _square_bwd(spec, residuals, g):
-  weights, emb = residuals
-  d_emb = spec.matmul(weights + weights.T, emb.astype(weights.dtype))
+  sym_weights, emb = residuals
+  d_emb = spec.matmul(sym_weights, emb.astype(sym_weights.dtype))
   return (g * d_emb).astype(emb.dtype), None, None
 
 
@@ -79,9 +95,9 @@ def _rect(spec, q, r, labels, ref_labels, anchor_index):
 
 
 def _rect_fwd(spec, q, r, labels, ref_labels, anchor_index):
-  sim = spec.similarity(q, r)
-  value = spec.value(sim, labels, ref_labels, anchor_index)
-  return value, (spec.weights(sim, labels, ref_labels, anchor_index), q, r)
+  value, weights = spec.value_and_weights(spec.similarity(q, r), labels, ref_labels,
+                                          anchor_index)
+  return value, (weights, q, r)
 
 
 def _rect_bwd(spec, residuals, g):
@@ -136,9 +152,8 @@ def _blocked_fwd(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_inde
 
   def step(d_r, xs):
     q_b, labels_b, index_b = xs
-    sim = spec.similarity(q_b, r)
-    value = spec.value(sim, labels_b, ref_labels, index_b)
-    weights = spec.weights(sim, labels_b, ref_labels, index_b)
+    value, weights = spec.value_and_weights(spec.similarity(q_b, r), labels_b, ref_labels,
+                                            index_b)
     d_r = d_r + spec.matmul(weights.T, q_b.astype(weights.dtype))
     return d_r, (value, spec.matmul(weights, r_c))
 
@@ -200,7 +215,8 @@ def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_label
     raise ValueError(f"msjax.losses.pair_loss_from_embeddings: `block_size` must be a positive int or None, got {block_size!r}.")
   if batch_size is None:
     batch_size = emb.shape[0]
-  spec = _Spec(loss, tuple(sorted(hparams.items())), batch_size, precision)
+  spec = _Spec(loss, tuple(sorted(hparams.items())), batch_size, precision,
+               default_anchors=anchor_index is None)
 
   if ref_emb is None:
     if ref_labels is not None:

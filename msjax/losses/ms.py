@@ -24,6 +24,8 @@ The paper's component ablation (Table 2, Cars-196) is expressed with ``mining`` 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -58,22 +60,16 @@ def ms_preset(name: str) -> dict:
   return dict(MS_PRESETS[name])
 
 
-def _prepare(sim, labels, *, ref_labels, anchor_index, batch_size, alpha, beta, epsilon,
-             self_pair, weighting, name):
-  gpw.check_positive(name, alpha=alpha, beta=beta)
-  gpw.check_choice(name, "weighting", weighting, WEIGHTINGS)
+def _select(name, sim, labels, *, ref_labels, anchor_index, batch_size, epsilon, mining,
+            self_pair, self_threshold):
+  """Checks the inputs and runs step 1: ``(pairs, pos_mined, neg_mined, active)``.
+
+  ``active[i]`` says anchor i has both a mined positive and a mined negative.
+  """
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
-  try:
-    if float(epsilon) < 0:
-      raise ValueError(f"msjax.losses.{name}: `epsilon` must be >= 0, got {epsilon!r}.")
-  except (jax.errors.ConcretizationTypeError, TypeError):
-    pass
-  return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                           batch_size=batch_size, loss_name=name)
-
-
-def _mine(pairs: gpw.Pairs, *, epsilon, mining, self_pair, self_threshold):
-  """Mined positives, mined negatives and contributing anchors (both sets non-empty)."""
+  gpw.check_non_negative(name, epsilon=epsilon)
+  pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+                            batch_size=batch_size, loss_name=name)
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   if mining:
     s = jax.lax.stop_gradient(pairs.sim)
@@ -85,7 +81,12 @@ def _mine(pairs: gpw.Pairs, *, epsilon, mining, self_pair, self_threshold):
     neg = neg & (s + epsilon > min_pos)
     pos = pos & (s - epsilon < max_neg)
   active = jnp.any(pos, axis=-1) & jnp.any(neg, axis=-1)
-  return pos, neg, active
+  return pairs, pos, neg, active
+
+
+def _check_weighting(name, alpha, beta, weighting):
+  gpw.check_positive(name, alpha=alpha, beta=beta)
+  gpw.check_choice(name, "weighting", weighting, WEIGHTINGS)
 
 
 def ms_mining(sim, labels, *, ref_labels=None, anchor_index=None, epsilon=0.1, mining=True,
@@ -95,11 +96,11 @@ def ms_mining(sim, labels, *, ref_labels=None, anchor_index=None, epsilon=0.1, m
   ``active[i]`` is False where anchor i's mined positives or mined negatives are empty
   (it contributes 0 to the loss).
   """
-  pairs = _prepare(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                   batch_size=None, alpha=1.0, beta=1.0, epsilon=epsilon, self_pair=self_pair,
-                   weighting="ms", name="ms_mining")
-  return _mine(pairs, epsilon=epsilon, mining=mining, self_pair=self_pair,
-               self_threshold=self_threshold)
+  _, pos, neg, active = _select(
+      "ms_mining", sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+      batch_size=None, epsilon=epsilon, mining=mining, self_pair=self_pair,
+      self_threshold=self_threshold)
+  return pos, neg, active
 
 
 def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=40.0,
@@ -128,11 +129,11 @@ def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=
   Returns:
     The scalar loss, float32 (float64 for float64 inputs).
   """
-  pairs = _prepare(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                   batch_size=batch_size, alpha=alpha, beta=beta, epsilon=epsilon,
-                   self_pair=self_pair, weighting=weighting, name="ms_loss")
-  pos, neg, active = _mine(pairs, epsilon=epsilon, mining=mining, self_pair=self_pair,
-                           self_threshold=self_threshold)
+  _check_weighting("ms_loss", alpha, beta, weighting)
+  pairs, pos, neg, active = _select(
+      "ms_loss", sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+      batch_size=batch_size, epsilon=epsilon, mining=mining, self_pair=self_pair,
+      self_threshold=self_threshold)
   s = pairs.sim
   x_pos = -alpha * (s - lam)
   x_neg = beta * (s - lam)
@@ -162,6 +163,96 @@ def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=
   return jnp.sum(jnp.where(active, per_anchor, 0.0)) / pairs.batch_size
 
 
+class _RowStats(NamedTuple):
+  """What anchor i's pair weights depend on besides S_ij and the labels, per row.
+
+  Broadcast as a column (``[Bq, 1]``) these give W; for a symmetric S, broadcast as a
+  row (``[1, B]``) they give Wᵀ elementwise, with no transpose.
+  """
+
+  min_pos: jax.Array  # mining threshold of negatives (+inf without positives)
+  max_neg: jax.Array  # mining threshold of positives (-inf without negatives)
+  log_norm_pos: jax.Array  # log of the w⁺ denominator (ms: 1 + Σ e^x, lifted: Σ e^x)
+  log_norm_neg: jax.Array
+  active: jax.Array  # both mined sets non-empty
+  value: jax.Array  # the anchor's loss term (0 where inactive)
+
+
+def _mine(s, pos, neg, min_pos, max_neg, epsilon, mining):
+  if not mining:
+    return pos, neg
+  # Written as in the released code (S + ε > min, S − ε < max) so float rounding agrees.
+  return pos & (s - epsilon < max_neg), neg & (s + epsilon > min_pos)
+
+
+def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
+  """Row statistics of the MS weights in three row passes over S (masks are recomputed).
+
+  The log-sum-exp shifts need no pass of their own: if any negative is mined the
+  hardest one is, so ``max_{Ñ_i} β(S−λ) = β(max_neg_i − λ)``; likewise for positives.
+  """
+  s = jax.lax.stop_gradient(s)
+  inf = jnp.asarray(jnp.inf, s.dtype)
+  min_pos = jnp.min(jnp.where(pos, s, inf), axis=-1, keepdims=True)
+  max_neg = jnp.max(jnp.where(neg, s, -inf), axis=-1, keepdims=True)
+  pos, neg = _mine(s, pos, neg, min_pos, max_neg, epsilon, mining)
+  active = jnp.any(pos, axis=-1, keepdims=True) & jnp.any(neg, axis=-1, keepdims=True)
+  x_pos, x_neg = -alpha * (s - lam), beta * (s - lam)
+
+  def log_norm(x, mask, top, plus_one):
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    shift = jnp.maximum(top, 0.0) if plus_one else top
+    total = jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, x - shift, 0.0)), 0.0), axis=-1,
+                    keepdims=True)
+    total = total + jnp.exp(-shift) if plus_one else jnp.where(total > 0, total, 1.0)
+    return jnp.log(total) + shift
+
+  def row_sum(x, mask):
+    return jnp.sum(jnp.where(mask, x, 0.0), axis=-1, keepdims=True)
+
+  plus_one = weighting == "ms"
+  top_pos, top_neg = -alpha * (min_pos - lam), beta * (max_neg - lam)
+  log_norm_pos = log_norm(x_pos, pos, top_pos, plus_one)
+  log_norm_neg = log_norm(x_neg, neg, top_neg, plus_one)
+  value = jnp.zeros_like(min_pos)
+  if weighting in ("ms", "lifted", "binlifted"):
+    value += log_norm_pos / alpha + log_norm_neg / beta
+  if weighting in ("binomial", "binlifted"):
+    value += (row_sum(jax.nn.softplus(x_pos), pos) / alpha
+              + row_sum(jax.nn.softplus(x_neg), neg) / beta)
+  if weighting == "none":
+    value += row_sum(s - lam, neg) - row_sum(s - lam, pos)
+  value = jnp.where(active, value, 0.0)
+  return _RowStats(min_pos, max_neg, log_norm_pos, log_norm_neg, active, value)
+
+
+def _pair_weights(s, same, not_self, stats, *, alpha, beta, lam, epsilon, mining, weighting):
+  """``∂L/∂S_ij · m`` elementwise from the anchor's row statistics (closed forms)."""
+  pos, neg = _mine(s, same & not_self, ~same, stats.min_pos, stats.max_neg, epsilon, mining)
+  x = jnp.where(same, -alpha * (s - lam), beta * (s - lam))
+  if weighting in ("ms", "lifted"):
+    w = jnp.exp(x - jnp.where(same, stats.log_norm_pos, stats.log_norm_neg))
+  elif weighting == "binomial":
+    w = jax.nn.sigmoid(x)
+  elif weighting == "binlifted":
+    w = jax.nn.sigmoid(x) + jnp.exp(x - jnp.where(same, stats.log_norm_pos, stats.log_norm_neg))
+  else:  # "none"
+    w = jnp.ones_like(s)
+  w = jnp.where(stats.active, w, 0.0)
+  return jnp.where(neg, w, 0.0) - jnp.where(pos, w, 0.0)
+
+
+def _weights_setup(name, sim, labels, ref_labels, anchor_index, batch_size, alpha, beta,
+                   epsilon, weighting, self_pair, self_threshold):
+  _check_weighting(name, alpha, beta, weighting)
+  gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
+  gpw.check_non_negative(name, epsilon=epsilon)
+  pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+                            batch_size=batch_size, loss_name=name)
+  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
+  return pairs, pos, neg
+
+
 def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=40.0,
                lam=0.5, epsilon=0.1, mining=True, weighting="ms", self_pair="value",
                self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
@@ -177,28 +268,46 @@ def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, be
   the same ratios as ``ms`` without the 1 (softmax over P̃_i / Ñ_i); ``binlifted``: their
   sum; ``none``: 1. Same arguments as ``ms_loss``.
   """
-  pairs = _prepare(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                   batch_size=batch_size, alpha=alpha, beta=beta, epsilon=epsilon,
-                   self_pair=self_pair, weighting=weighting, name="ms_weights")
-  pos, neg, active = _mine(pairs, epsilon=epsilon, mining=mining, self_pair=self_pair,
-                           self_threshold=self_threshold)
-  s = pairs.sim
-  x_pos = -alpha * (s - lam)
-  x_neg = beta * (s - lam)
-  if weighting == "ms":
-    w_pos = gpw.masked_softmax(x_pos, pos, plus_one=True)
-    w_neg = gpw.masked_softmax(x_neg, neg, plus_one=True)
-  elif weighting in ("binomial", "lifted", "binlifted"):
-    w_pos = jnp.zeros_like(s)
-    w_neg = jnp.zeros_like(s)
-    if weighting != "lifted":
-      w_pos += jnp.where(pos, jax.nn.sigmoid(x_pos), 0.0)
-      w_neg += jnp.where(neg, jax.nn.sigmoid(x_neg), 0.0)
-    if weighting != "binomial":
-      w_pos += gpw.masked_softmax(x_pos, pos, plus_one=False)
-      w_neg += gpw.masked_softmax(x_neg, neg, plus_one=False)
-  else:  # "none"
-    w_pos = pos.astype(s.dtype)
-    w_neg = neg.astype(s.dtype)
-  weights = jnp.where(active[:, None], w_neg - w_pos, 0.0)
-  return weights / pairs.batch_size
+  return ms_value_and_weights(
+      sim, labels, ref_labels=ref_labels, anchor_index=anchor_index, alpha=alpha, beta=beta,
+      lam=lam, epsilon=epsilon, mining=mining, weighting=weighting, self_pair=self_pair,
+      self_threshold=self_threshold, batch_size=batch_size)[1]
+
+
+def ms_value_and_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0,
+                         beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms",
+                         self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+  """``(ms_loss, ms_weights)`` from one set of row statistics (what a fused step needs)."""
+  hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, weighting=weighting)
+  pairs, pos, neg = _weights_setup("ms_weights", sim, labels, ref_labels, anchor_index,
+                                   batch_size, alpha, beta, epsilon, weighting, self_pair,
+                                   self_threshold)
+  stats = _row_stats(pairs.sim, pos, neg, **hp)
+  same = pairs.labels[:, None] == pairs.ref_labels[None, :]
+  weights = _pair_weights(pairs.sim, same, pos | neg, stats, **hp)
+  return jnp.sum(stats.value) / pairs.batch_size, weights / pairs.batch_size
+
+
+def ms_value_and_symmetric_weights(sim, labels, *, alpha=2.0, beta=40.0, lam=0.5,
+                                   epsilon=0.1, mining=True, weighting="ms",
+                                   self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                                   anchor_index=None, batch_size=None):
+  """``(ms_loss, W + Wᵀ)`` for a square, symmetric S, without transposing a B×B matrix.
+
+  ``W_ji`` depends on ``S_ji`` and on anchor j's row statistics; with ``S_ji = S_ij`` it
+  is the same closed form evaluated with the statistics broadcast along the other axis.
+  This is the gradient of ``S = E Eᵀ`` w.r.t. E up to the final ``(W + Wᵀ) E``. It is
+  exact when S is exactly symmetric (``E @ E.T`` is, on the CPU backend) and within
+  rounding of the weights otherwise. ``anchor_index`` must be ``arange(B)`` or None.
+  """
+  hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, weighting=weighting)
+  pairs, pos, neg = _weights_setup("ms_value_and_symmetric_weights", sim, labels, None,
+                                   anchor_index, batch_size, alpha, beta, epsilon, weighting,
+                                   self_pair, self_threshold)
+  stats = _row_stats(pairs.sim, pos, neg, **hp)
+  same = pairs.labels[:, None] == pairs.labels[None, :]
+  not_self = pos | neg
+  column_stats = _RowStats(*(x.T for x in stats))
+  sym = (_pair_weights(pairs.sim, same, not_self, stats, **hp)
+         + _pair_weights(pairs.sim, same, not_self, column_stats, **hp))
+  return jnp.sum(stats.value) / pairs.batch_size, sym / pairs.batch_size

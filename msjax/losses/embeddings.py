@@ -3,7 +3,9 @@
 For ``S = Q Rᵀ`` and ``W = ∂L/∂S`` (the loss's closed-form weights), the chain rule gives
 ``∂L/∂Q = W R`` and ``∂L/∂R = Wᵀ Q``; for the square batch ``Q = R = E`` it is
 ``∂L/∂E = (W + Wᵀ) E``. So the value and gradient cost two ``B×B×D`` matmuls (the
-floor) plus elementwise work, and nothing is differentiated through masks or sorts.
+floor) plus elementwise work, and nothing is differentiated through masks or sorts. For
+MS, ``W + Wᵀ`` is formed elementwise from per-row statistics (``S = E Eᵀ`` is symmetric),
+so no B×B matrix is transposed.
 
 ``block_size`` evaluates the anchors in row blocks: each block's similarity rows, loss and
 weights are formed, used for its share of the gradient, and dropped, so the peak memory is

@@ -29,9 +29,17 @@ Before timing, the script checks at B=80 and B=1000 (float32 and float64) that t
 released loop, pml and msjax give the same loss value, and that the released loop and
 msjax give the same gradient.
 
+The machine may be shared. Before each measurement the driver waits (``--quiet-wait``)
+for other processes to leave the CPUs idle; each timed rep records how many cores other
+processes used meanwhile (column ``bg``), disturbed reps are repeated and left out of the
+median where possible. msjax may be edited while a long run is going: ``--msjax-rev REV``
+benchmarks a ``git archive`` snapshot of ``msjax/`` at REV, and the run warns if the
+msjax sources it imports changed between start and end.
+
 Usage::
 
-    python benchmarks/loss_speed.py                      # the full run (~30-40 min)
+    python benchmarks/loss_speed.py                      # the full run (~20-35 min)
+    python benchmarks/loss_speed.py --msjax-rev HEAD     # msjax as committed
     python benchmarks/loss_speed.py --quick              # B in {80, 1000}, few reps
     python benchmarks/loss_speed.py --sizes 1000,4000 --impls msjax_dense,jax_floor
     python benchmarks/loss_speed.py --worker msjax_dense 4000   # one measurement
@@ -56,6 +64,11 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+# Where msjax is imported from: this checkout, or a snapshot the driver extracted with
+# --msjax-rev (passed to the measuring subprocesses in MSJAX_SRC).
+MSJAX_SRC = os.environ.get("MSJAX_SRC", REPO)
+if MSJAX_SRC not in sys.path:
+  sys.path.insert(0, MSJAX_SRC)
 
 # --- the data ------------------------------------------------------------------------------
 
@@ -71,6 +84,8 @@ ALPHA, BETA, LAM, EPS = 2.0, 40.0, 0.5, 0.1
 DENSE_MAX_B = 16000  # dense methods and peers are not run above this (B² floats = 1 GiB)
 BLOCKED_MIN_B = 4000  # blocked msjax is run from this B up
 THREADS = 2
+MIN_REP_S = 0.3  # a timed rep lasts at least this long (fast calls are repeated inside)
+BG_LIMIT = 0.25  # cores used by other processes above which a timed rep counts as disturbed
 
 IMPLS = ("msjax_dense", "msjax_blocked_1024", "msjax_blocked_2048", "jax_floor",
          "torch_floor", "pml", "released_loop")
@@ -82,16 +97,18 @@ COST_EXPONENT = {"released_loop": 3.0}
 
 
 def make_data(batch: int, seed: int = SEED):
-  """``(emb [B, D] float32 unit rows, labels [B] int32)``, B/K classes of K images."""
-  if batch % K:
-    raise ValueError(f"B={batch} is not a multiple of K={K}")
+  """``(emb [B, D] float32 unit rows, labels [B] int32)``: classes of K images each.
+
+  If K does not divide B (B=65536) the last class is smaller (there: one image, an
+  anchor without positives, which contributes 0).
+  """
   rng = np.random.default_rng(seed)
   basis, _ = np.linalg.qr(rng.standard_normal((D, D_EFF)))  # orthonormal columns
-  centres = rng.standard_normal((batch // K, D_EFF))
+  n_classes = -(-batch // K)
+  centres = rng.standard_normal((n_classes, D_EFF))
   centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-  labels = np.repeat(np.arange(batch // K), K)
-  # Shuffle so classes are not contiguous blocks (a real sampler's batch order is not).
-  labels = labels[rng.permutation(batch)]
+  # Shuffled so that classes are not contiguous blocks (a real sampler's order is not).
+  labels = (np.arange(batch) // K)[rng.permutation(batch)]
   x = centres[labels] + SIGMA * rng.standard_normal((batch, D_EFF)) / math.sqrt(D_EFF)
   emb = (x @ basis.T).astype(np.float32)
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -200,29 +217,71 @@ def current_rss_mib() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def busy_cpu_s() -> float:
+  """CPU-seconds the whole machine has been busy (all cores), from /proc/stat."""
+  with open("/proc/stat") as f:
+    vals = [int(v) for v in f.readline().split()[1:9]]
+  return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def own_cpu_s() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
 def time_calls(call, *, budget_s, max_reps, warmup, reuse_slow_first_s):
-  """Median-of-reps timing: ``(times, first_s, note)``.
+  """Median-of-reps timing: ``(times, bg_cores, first_s, note)``.
 
   ``call()`` must block until its results are ready. The first call is a warm-up; if it
   took longer than ``reuse_slow_first_s`` (torch peers that need minutes), it is the
-  only measurement. Otherwise as many reps as fit ``budget_s`` (1 to ``max_reps``).
+  only measurement. Otherwise as many reps as fit ``budget_s`` (1 to ``max_reps``); a
+  rep of a call faster than ``MIN_REP_S`` is the mean over enough calls to last that long.
+
+  The machine may be shared: for every rep the CPU time other processes used meanwhile
+  is recorded (``bg_cores``: their average number of busy cores). A rep during which
+  others used more than ``BG_LIMIT`` cores is repeated while the time budget allows
+  (up to twice the planned number); the caller reports the median of the clean reps.
   """
+  inner = 1
+
+  def timed():
+    b0, o0, t0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
+    for _ in range(inner):
+      call()
+    t = time.perf_counter() - t0
+    bg = max(0.0, (busy_cpu_s() - b0) - (own_cpu_s() - o0)) / max(t, 1e-9)
+    return t / inner, bg
+
   if not warmup:
-    t0 = time.perf_counter()
-    call()
-    return [time.perf_counter() - t0], None, "single run, no warm-up"
-  t0 = time.perf_counter()
-  call()
-  first = time.perf_counter() - t0
+    t, bg = timed()
+    return [t], [bg], None, "single run, no warm-up"
+  first, first_bg = timed()
   if first > reuse_slow_first_s:
-    return [first], first, "single run (the first call; too slow to repeat)"
+    return [first], [first_bg], first, "single run (the first call; too slow to repeat)"
   reps = int(max(1, min(max_reps, budget_s // max(first, 1e-9))))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
-  return times, first, ""
+  # A rep of a fast call is the mean of `inner` calls, >= MIN_REP_S in all, so that the
+  # CPU accounting (10 ms ticks) and the timer see a meaningful interval.
+  inner = max(1, math.ceil(MIN_REP_S / max(first, 1e-6)))
+  times, bgs = [], []
+  t_end = time.perf_counter() + 2 * budget_s
+  while True:
+    t, bg = timed()
+    times.append(t)
+    bgs.append(bg)
+    if sum(b <= BG_LIMIT for b in bgs) >= reps or len(times) >= 2 * reps:
+      break
+    if len(times) >= reps and time.perf_counter() + t > t_end:
+      break
+  return times, bgs, first, ""
+
+
+def summarize(times, bgs):
+  """``(median, min, reps used, reps disturbed, max bg load of the reps used)``: the
+  median is over the reps run while the machine was otherwise quiet, else over all."""
+  clean = [(t, b) for t, b in zip(times, bgs) if b <= BG_LIMIT]
+  use = clean or list(zip(times, bgs))
+  return (float(np.median([t for t, _ in use])), float(np.min(times)), len(use),
+          len(times) - len(clean), max(b for _, b in use))
 
 
 def worker(impl: str, batch: int, args) -> dict:
@@ -253,8 +312,8 @@ def worker(impl: str, batch: int, args) -> dict:
         return e.grad
 
     out["rss_before_mib"] = current_rss_mib()
-    times, first, note = time_calls(call, budget_s=args.rep_budget, max_reps=max_reps,
-                                    warmup=warmup, reuse_slow_first_s=args.rep_budget / 2)
+    times, bgs, first, note = time_calls(call, budget_s=args.rep_budget, max_reps=max_reps,
+                                         warmup=warmup, reuse_slow_first_s=args.rep_budget / 2)
     if impl != "torch_floor":
       loss_value = box["v"]
     out["compile_s"] = None
@@ -274,13 +333,48 @@ def worker(impl: str, batch: int, args) -> dict:
     def call():
       box["r"] = jax.block_until_ready(compiled(emb, labels))
 
-    times, first, note = time_calls(call, budget_s=args.rep_budget, max_reps=max_reps,
-                                    warmup=warmup, reuse_slow_first_s=float("inf"))
+    times, bgs, first, note = time_calls(call, budget_s=args.rep_budget, max_reps=max_reps,
+                                         warmup=warmup, reuse_slow_first_s=float("inf"))
     loss_value = float(box["r"][0]) if impl != "jax_floor" else None
-  out.update(status="ok", times_s=times, median_s=float(np.median(times)), reps=len(times),
-             first_call_s=first, note=note, loss=loss_value,
-             peak_rss_self_mib=rss_mib_self())
+  median, best, used, disturbed, bg_max = summarize(times, bgs)
+  out.update(status="ok", times_s=times, bg_cores=bgs, median_s=median, min_s=best, reps=used,
+             disturbed_reps=disturbed, bg_cores_max=bg_max, first_call_s=first, note=note,
+             loss=loss_value, peak_rss_self_mib=rss_mib_self())
   return out
+
+
+def child_env() -> dict:
+  env = dict(os.environ)
+  env["MSJAX_SRC"] = MSJAX_SRC
+  env["PYTHONPATH"] = MSJAX_SRC + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def msjax_digest(root: str) -> str:
+  """sha256 (12 hex digits) of msjax's .py files under ``root``, to detect edits mid-run."""
+  import hashlib
+
+  h = hashlib.sha256()
+  for dirpath, _, files in sorted(os.walk(os.path.join(root, "msjax"))):
+    for name in sorted(files):
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        h.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+          h.update(f.read())
+  return h.hexdigest()[:12]
+
+
+def wait_quiet(max_wait_s: float):
+  """Waits until other processes use at most ``BG_LIMIT`` cores (1 s samples), at most
+  ``max_wait_s``; returns ``(seconds waited, last sampled load in cores)``."""
+  t0 = time.monotonic()
+  while True:
+    b0 = busy_cpu_s()
+    time.sleep(1.0)
+    load = busy_cpu_s() - b0
+    if load <= BG_LIMIT or time.monotonic() - t0 >= max_wait_s:
+      return time.monotonic() - t0, load
 
 
 def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
@@ -289,8 +383,8 @@ def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
 
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(batch),
          "--rep-budget", str(args.rep_budget), "--max-reps", str(args.max_reps)]
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env = child_env()
+  waited, load = wait_quiet(args.quiet_wait)
   with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO,
@@ -322,7 +416,8 @@ def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
     fe.seek(0)
     stdout, stderr = fo.read(), fe.read()
   rss = usage.ru_maxrss / 1024.0
-  base = dict(impl=impl, B=batch, wall_s=wall, peak_rss_mib=rss, sampled_rss_mib=sampled_peak)
+  base = dict(impl=impl, B=batch, wall_s=wall, peak_rss_mib=rss, sampled_rss_mib=sampled_peak,
+              quiet_wait_s=round(waited, 1), bg_cores_at_start=round(load, 2))
   if timed_out:
     return dict(base, status="timeout", note=f"killed after {timeout_s:.0f} s")
   results = [line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")]
@@ -337,6 +432,93 @@ def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
   else:
     status, note = "error", f"exit {proc.returncode}: " + (" | ".join(tail))
   return dict(base, status=status, note=note[-400:])
+
+
+# --- where msjax dense spends its time (runs in a subprocess) ------------------------------
+
+
+def profile_worker(batch: int, reps: int = 5) -> dict:
+  """Times the pieces of the dense value + gradient separately, each jitted on its own.
+
+  The dense custom VJP is: ``S = E Eᵀ``; loss and weights ``W = ∂L/∂S`` from ``S``
+  (elementwise passes and row reductions over B×B); ``(W + Wᵀ) E``. The floor is the two
+  matmuls alone.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from msjax.losses import ms_loss, ms_loss_from_embeddings, ms_weights
+
+  hi = jax.lax.Precision.HIGHEST
+  hp = dict(alpha=ALPHA, beta=BETA, lam=LAM, epsilon=EPS)
+  emb_np, labels_np = make_data(batch)
+  emb, labels = jnp.asarray(emb_np), jnp.asarray(labels_np)
+  sim = jax.jit(lambda e: jnp.matmul(e, e.T, precision=hi))(emb)
+  weights = jax.jit(lambda s, l: ms_weights(s, l, **hp))(sim, labels)
+
+  def tm(f, *xs):
+    compiled = jax.jit(f).lower(*xs).compile()
+    jax.block_until_ready(compiled(*xs))
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*xs))
+      ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+  pieces = {
+      "S = E E^T (matmul 1)": tm(lambda e: jnp.matmul(e, e.T, precision=hi), emb),
+      "W E (matmul 2)": tm(lambda w, e: jnp.matmul(w, e, precision=hi), weights, emb),
+      "floor: (E E^T) E": tm(lambda e: jnp.matmul(jnp.matmul(e, e.T, precision=hi), e,
+                                                  precision=hi), emb),
+      "loss from S (ms_loss)": tm(lambda s, l: ms_loss(s, l, **hp), sim, labels),
+      "weights from S (ms_weights)": tm(lambda s, l: ms_weights(s, l, **hp), sim, labels),
+      "loss + weights from S, one jit": tm(
+          lambda s, l: (ms_loss(s, l, **hp), ms_weights(s, l, **hp)), sim, labels),
+      "W + W^T (given W)": tm(lambda w: w + w.T, weights),
+      "W^T alone (a transposed copy)": tm(lambda w: w.T, weights),
+      "(W + W^T) E (given W)": tm(lambda w, e: jnp.matmul(w + w.T, e, precision=hi),
+                                 weights, emb),
+      "W E + W^T E, two matmuls (given W)": tm(
+          lambda w, e: jnp.matmul(w, e, precision=hi) + jnp.matmul(w.T, e, precision=hi),
+          weights, emb),
+      "exp over B x B (one elementwise pass)": tm(jnp.exp, sim),
+      "msjax dense value_and_grad": tm(
+          jax.value_and_grad(lambda e, l: ms_loss_from_embeddings(e, l, **hp)), emb, labels),
+  }
+  hlo = jax.jit(jax.value_and_grad(lambda e, l: ms_loss_from_embeddings(e, l, **hp))).lower(
+      emb, labels).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  big = f"[{batch},{batch}]"
+  n_big = sum(1 for line in entry.splitlines() if " fusion(" in line and big in line.split("=")[1][:40])
+  transposed = "transpose(" in hlo and "copy(" in hlo
+  return dict(B=batch, reps=reps, seconds=pieces, bxb_fusions_in_dense_hlo=n_big,
+              dense_hlo_has_fused_transpose=transposed)
+
+
+def run_profile(batch, timeout_s):
+  cmd = [sys.executable, os.path.abspath(__file__), "--profile-worker", str(batch)]
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO,
+                         timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return dict(B=batch, status="timeout")
+  lines = [l[len("RESULT "):] for l in res.stdout.splitlines() if l.startswith("RESULT ")]
+  if res.returncode or not lines:
+    return dict(B=batch, status="error", note=res.stderr[-800:])
+  return dict(json.loads(lines[-1]), status="ok")
+
+
+def print_profile(p):
+  if p.get("status") != "ok":
+    print(f"  B={p['B']}: {p.get('status')} {p.get('note', '')}")
+    return
+  sec = p["seconds"]
+  floor = sec["floor: (E E^T) E"]
+  for name, t in sec.items():
+    print(f"  B={p['B']:<6d} {name:<40s} {t:8.4f} s  {t / floor:5.2f}x floor")
+  print(f"  dense HLO: {p['bxb_fusions_in_dense_hlo']} fusions with a B x B output; "
+        f"transpose fused into the last elementwise pass: {p['dense_hlo_has_fused_transpose']}")
 
 
 # --- the agreement check (runs in a subprocess: it needs float64 JAX) ----------------------
@@ -424,10 +606,8 @@ def check_worker(batch: int, dtype_name: str) -> dict:
 
 def run_check(batch, dtype_name, timeout_s):
   cmd = [sys.executable, os.path.abspath(__file__), "--check-worker", str(batch), dtype_name]
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   try:
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO,
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO,
                          timeout=timeout_s)
   except subprocess.TimeoutExpired:
     return dict(B=batch, dtype=dtype_name, status="timeout")
@@ -483,20 +663,23 @@ def environment() -> dict:
           "print(jax.__version__, jaxlib.__version__, numpy.__version__, torch.__version__,"
           " p.__version__, msjax.__version__, jax.devices()[0].device_kind,"
           " jax.default_backend())")
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=child_env())
   keys = ("jax", "jaxlib", "numpy", "torch", "pytorch_metric_learning", "msjax",
           "jax_device", "jax_backend")
   info["versions"] = dict(zip(keys, out.stdout.split()))
+  def git(*a):
+    return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True).stdout.strip()
+
   try:
-    rev = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "msjax"],
-                           capture_output=True, text=True).stdout.strip()
-    info["git"] = rev + ("+dirty(msjax)" if dirty else "")
+    info["git_head"] = git("rev-parse", "HEAD")
+    if MSJAX_SRC == REPO:
+      dirty = git("status", "--porcelain", "msjax")
+      info["msjax_source"] = "working tree at " + info["git_head"][:12] + (
+          " with uncommitted changes in msjax/" if dirty else "")
   except OSError:
     pass
+  info["msjax_digest"] = msjax_digest(MSJAX_SRC)
   return info
 
 
@@ -513,7 +696,7 @@ def fmt(x, spec):
 def table(results) -> list[str]:
   by = {(r["B"], r["impl"]): r for r in results}
   head = (f"{'B':>6} {'impl':<20} {'time_s':>9} {'reps':>4} {'x_dense':>8} {'x_jaxfloor':>10} "
-          f"{'peak_RSS_MiB':>12} {'compile_s':>9}  status")
+          f"{'peak_RSS_MiB':>12} {'compile_s':>9} {'bg':>4}  status")
   lines = [head, "-" * len(head)]
   last_b = None
   for r in results:
@@ -528,9 +711,9 @@ def table(results) -> list[str]:
     x_floor = t / floor["median_s"] if ok and floor.get("status") == "ok" else None
     status = r["status"] if ok and not r.get("note") else f"{r['status']}: {r.get('note', '')}"
     rss = r.get("peak_rss_mib") if r["status"] != "skipped" else None
-    lines.append(f"{r['B']:>6} {r['impl']:<20} {fmt(t, '9.3f')} {fmt(r.get('reps'), '4d')} "
+    lines.append(f"{r['B']:>6} {r['impl']:<20} {fmt(t, '9.3g')} {fmt(r.get('reps'), '4d')} "
                  f"{fmt(x_dense, '8.2f')} {fmt(x_floor, '10.2f')} {fmt(rss, '12.0f')} "
-                 f"{fmt(r.get('compile_s'), '9.2f')}  {status}")
+                 f"{fmt(r.get('compile_s'), '9.2f')} {fmt(r.get('bg_cores_max'), '4.1f')}  {status}")
   return lines
 
 
@@ -556,7 +739,7 @@ def targets(results) -> dict:
   return out
 
 
-def markdown(meta, results, checks, tgts) -> str:
+def markdown(meta, results, checks, tgts, profiles=()) -> str:
   by = {(r["B"], r["impl"]): r for r in results}
   impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
   sizes = sorted({r["B"] for r in results})
@@ -566,7 +749,8 @@ def markdown(meta, results, checks, tgts) -> str:
       "",
       f"{meta['cpu']}, {meta['cpu_count']} cores ({THREADS} threads for torch), "
       f"{meta.get('mem_total_gib', '?')} GiB RAM; jax {v.get('jax')}, torch {v.get('torch')}, "
-      f"pytorch-metric-learning {v.get('pytorch_metric_learning')}; {meta['date']}.",
+      f"pytorch-metric-learning {v.get('pytorch_metric_learning')}; {meta['date']}; msjax: "
+      f"{meta.get('msjax_source')}.",
       f"D={D}, K={K} images per class, float32, α=2, β=40, λ=0.5, ε=0.1; "
       f"emb = normalize(centre[label] + σ·noise), σ={SIGMA}, centres and noise in a random "
       f"{D_EFF}-d subspace. Median seconds per call (compile excluded); in brackets the "
@@ -603,6 +787,14 @@ def markdown(meta, results, checks, tgts) -> str:
       lines.append(f"| {c['B']} | {c['dtype']} | {c['relerr_loss_msjax_vs_released']:.1e} | "
                    f"{c['relerr_loss_pml_vs_released']:.1e} | "
                    f"{c['relerr_grad_msjax_vs_released']:.1e} |")
+  for p in profiles:
+    if p.get("status") != "ok":
+      continue
+    floor = p["seconds"]["floor: (E E^T) E"]
+    lines += ["", f"Where msjax dense spends its time at B={p['B']} (each piece jitted alone):",
+              "", "| piece | seconds | / floor |", "|---|---|---|"]
+    for name, t in p["seconds"].items():
+      lines.append(f"| {name} | {t:.3f} | {t / floor:.2f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -621,30 +813,57 @@ def main(argv=None):
                   help=f"block size(s) to run above B={DENSE_MAX_B}: 'auto' runs only the "
                        "blocked variant fastest at the largest B both were run at, 'all' "
                        "runs every requested one, or a comma-separated list")
-  ap.add_argument("--out", default=os.path.join(HERE, "results", "loss_speed.json"))
+  ap.add_argument("--msjax-rev", default=None,
+                  help="benchmark msjax as of this git revision (extracted with `git "
+                       "archive` into a temporary directory) instead of the working tree")
+  ap.add_argument("--out", default=None,
+                  help="JSON results (default benchmarks/results/loss_speed.json, or "
+                       "loss_speed_quick.json with --quick)")
   ap.add_argument("--md", default=None, help="markdown summary (default: --out with .md)")
   ap.add_argument("--quick", action="store_true", help="B in {80, 1000}, at most 3 reps")
   ap.add_argument("--no-check", action="store_true", help="skip the agreement check")
   ap.add_argument("--rep-budget", type=float, default=60.0,
                   help="seconds of timed reps per measurement (the number of reps adapts)")
   ap.add_argument("--max-reps", type=int, default=5)
+  ap.add_argument("--quiet-wait", type=float, default=20.0,
+                  help="before each measurement, wait up to this many seconds for other "
+                       "processes to leave the CPUs idle")
   ap.add_argument("--worker", nargs=2, metavar=("IMPL", "B"), help=argparse.SUPPRESS)
   ap.add_argument("--check-worker", nargs=2, metavar=("B", "DTYPE"), help=argparse.SUPPRESS)
+  ap.add_argument("--profile-worker", type=int, metavar="B", help=argparse.SUPPRESS)
+  ap.add_argument("--profile-sizes", default="4000",
+                  help="B values at which to time the pieces of msjax dense ('' for none)")
   args = ap.parse_args(argv)
 
   if args.worker:
     res = worker(args.worker[0], int(args.worker[1]), args)
     print("RESULT " + json.dumps(res), flush=True)
     return
+  if args.profile_worker:
+    print("RESULT " + json.dumps(profile_worker(args.profile_worker)), flush=True)
+    return
   if args.check_worker:
     res = check_worker(int(args.check_worker[0]), args.check_worker[1])
     print("RESULT " + json.dumps(res), flush=True)
     return
 
+  if args.out is None:
+    args.out = os.path.join(HERE, "results",
+                            "loss_speed_quick.json" if args.quick else "loss_speed.json")
+  global MSJAX_SRC
+  msjax_rev = None
+  if args.msjax_rev:
+    msjax_rev = subprocess.run(["git", "-C", REPO, "rev-parse", args.msjax_rev],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    MSJAX_SRC = tempfile.mkdtemp(prefix="msjax_src_")
+    archive = subprocess.run(["git", "-C", REPO, "archive", msjax_rev, "msjax"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", MSJAX_SRC], input=archive, check=True)
   if args.quick:
     args.sizes = "80,1000"
     args.max_reps = min(args.max_reps, 3)
     args.rep_budget = min(args.rep_budget, 20.0)
+    args.profile_sizes = "1000" if args.profile_sizes else ""
   sizes = sorted(int(s) for s in args.sizes.split(","))
   impls = [i.strip() for i in args.impls.split(",") if i.strip()]
   for i in impls:
@@ -652,6 +871,8 @@ def main(argv=None):
       ap.error(f"unknown impl {i!r}; choose from {IMPLS} or msjax_blocked_<n>")
   t_start = time.monotonic()
   meta = environment()
+  if msjax_rev:
+    meta["msjax_source"] = f"git {msjax_rev} (git archive snapshot)"
   meta.update(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               command=" ".join([os.path.basename(sys.executable)] + sys.argv),
               data=dict(D=D, K=K, sigma=SIGMA, d_eff=D_EFF, seed=SEED, dtype="float32",
@@ -663,7 +884,8 @@ def main(argv=None):
                           timeout_s=args.timeout, huge_timeout_s=args.huge_timeout,
                           rss="ru_maxrss of the measuring subprocess (os.wait4)"))
   print(f"# {meta['cpu']}, {meta['cpu_count']} cores, {meta.get('mem_total_gib')} GiB; "
-        f"versions {meta['versions']}; git {meta.get('git')}")
+        f"versions {meta['versions']}")
+  print(f"# msjax: {meta.get('msjax_source')}; digest {meta['msjax_digest']}")
   print(f"# data: D={D}, K={K}, sigma={SIGMA}, d_eff={D_EFF}, seed={SEED}; "
         f"MS alpha={ALPHA} beta={BETA} lambda={LAM} eps={EPS}", flush=True)
 
@@ -701,11 +923,11 @@ def main(argv=None):
         r = dict(impl=impl, B=b, status="skipped",
                  note=f"{failed_at[impl][1]} at B={failed_at[impl][0]}")
       elif impl in last_ok and impl in COST_EXPONENT and (
-          last_ok[impl][1] * (b / last_ok[impl][0]) ** COST_EXPONENT[impl] > 3 * timeout):
+          last_ok[impl][1] * (b / last_ok[impl][0]) ** COST_EXPONENT[impl] > timeout):
         pred = last_ok[impl][1] * (b / last_ok[impl][0]) ** COST_EXPONENT[impl]
         r = dict(impl=impl, B=b, status="skipped",
                  note=f"predicted ~{pred:.0f} s (B^{COST_EXPONENT[impl]:g} from "
-                      f"B={last_ok[impl][0]}) > 3x timeout")
+                      f"B={last_ok[impl][0]}) > timeout")
       else:
         r = run_worker(impl, b, args, timeout)
       if r["status"] in ("timeout", "oom"):
@@ -715,11 +937,28 @@ def main(argv=None):
       results.append(r)
       print(table(results)[-1], flush=True)
 
+  profiles = []
+  prof_sizes = [int(x) for x in args.profile_sizes.split(",") if x.strip()]
+  if prof_sizes:
+    print("\n## where msjax dense spends its time (pieces jitted separately, median s)",
+          flush=True)
+  for b in prof_sizes:
+    wait_quiet(args.quiet_wait)
+    p = run_profile(b, args.timeout)
+    profiles.append(p)
+    print_profile(p)
+
   tgts = targets(results)
+  end_digest = msjax_digest(MSJAX_SRC)
+  if end_digest != meta["msjax_digest"]:
+    meta["msjax_changed_during_run"] = end_digest
+    print(f"# WARNING: msjax changed during the run (digest {meta['msjax_digest']} -> "
+          f"{end_digest}); the msjax rows may mix versions. Use --msjax-rev.")
   meta["total_wall_s"] = round(time.monotonic() - t_start, 1)
   lines = table(results)
-  print("\n## results (time: median s per value+grad call; x_dense: time / msjax_dense; "
-        "x_jaxfloor: time / jax_floor)")
+  print("\n## results (time_s: median seconds per value+grad call, compile excluded; "
+        "x_dense: time / msjax_dense; x_jaxfloor: time / jax_floor; peak_RSS: ru_maxrss of "
+        "the measuring process; bg: most cores other processes used during a timed rep)")
   print("\n".join(lines))
   print("\n## targets")
   for name, t in tgts.items():
@@ -728,12 +967,17 @@ def main(argv=None):
 
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump(dict(meta=meta, check=checks, results=results, targets=tgts, table=lines), f,
+    json.dump(dict(meta=meta, check=checks, results=results, targets=tgts, profile=profiles,
+                   table=lines), f,
               indent=1)
   md = args.md or os.path.splitext(args.out)[0] + ".md"
   with open(md, "w") as f:
-    f.write(markdown(meta, results, checks, tgts))
+    f.write(markdown(meta, results, checks, tgts, profiles))
   print(f"# wrote {args.out} and {md}")
+  if msjax_rev:
+    import shutil
+
+    shutil.rmtree(MSJAX_SRC, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -440,9 +440,11 @@ def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
 def profile_worker(batch: int, reps: int = 5) -> dict:
   """Times the pieces of the dense value + gradient separately, each jitted on its own.
 
-  The dense custom VJP is: ``S = E Eᵀ``; loss and weights ``W = ∂L/∂S`` from ``S``
+  The dense path is ``S = E Eᵀ``; the loss and the weights ``W = ∂L/∂S`` from ``S``
   (elementwise passes and row reductions over B×B); ``(W + Wᵀ) E``. The floor is the two
-  matmuls alone.
+  matmuls alone. The ``W + Wᵀ`` rows time the ways of forming that product from a
+  materialised ``W`` (for reference: msjax may form ``W + Wᵀ`` without a transpose,
+  see the HLO summary); the last row is the whole dense value and gradient.
   """
   import jax
   import jax.numpy as jnp
@@ -802,8 +804,9 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                  help="comma-separated batch sizes (multiples of K=5); dense methods and "
-                       f"peers stop at {DENSE_MAX_B}, blocked msjax starts at {BLOCKED_MIN_B}")
+                  help=f"comma-separated batch sizes (K={K} images per class, the last class "
+                       f"smaller if K does not divide B); dense methods and peers stop at "
+                       f"{DENSE_MAX_B}, blocked msjax starts at {BLOCKED_MIN_B}")
   ap.add_argument("--impls", default=",".join(IMPLS),
                   help="comma-separated; msjax_blocked_<n> for any block size n")
   ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")

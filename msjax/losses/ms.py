@@ -185,6 +185,19 @@ def _mine(s, pos, neg, min_pos, max_neg, epsilon, mining):
   return pos & (s - epsilon < max_neg), neg & (s + epsilon > min_pos)
 
 
+def _row_reduce_pair(operands, inits, ops):
+  """Two row reductions in one pass: ``(op_0 over row of a_0, op_1 over row of a_1)``.
+
+  A variadic reduce lets XLA fuse the masking into a single read of S; two separate
+  reductions each materialised their masked B×B input first (4x slower on the CPU).
+  """
+  def combine(x, y):
+    return tuple(op(a, b) for op, a, b in zip(ops, x, y))
+
+  out = jax.lax.reduce(tuple(operands), tuple(inits), combine, (operands[0].ndim - 1,))
+  return tuple(o[..., None] for o in out)
+
+
 def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
   """Row statistics of the MS weights in two row passes over S (masks are recomputed).
 
@@ -195,8 +208,9 @@ def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
   """
   s = jax.lax.stop_gradient(s)
   inf = jnp.asarray(jnp.inf, s.dtype)
-  min_pos = jnp.min(jnp.where(pos, s, inf), axis=-1, keepdims=True)
-  max_neg = jnp.max(jnp.where(neg, s, -inf), axis=-1, keepdims=True)
+  min_pos, max_neg = _row_reduce_pair(
+      (jnp.where(pos, s, inf), jnp.where(neg, s, -inf)), (inf, -inf),
+      (jnp.minimum, jnp.maximum))
   has_pos, has_neg = jnp.isfinite(min_pos), jnp.isfinite(max_neg)
   if mining:  # the hardest negative (positive) passes iff any does: _mine's tests on it
     active = has_neg & (max_neg + epsilon > min_pos) & has_pos & (min_pos - epsilon < max_neg)
@@ -205,11 +219,12 @@ def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
   pos, neg = _mine(s, pos, neg, min_pos, max_neg, epsilon, mining)
   x_pos, x_neg = -alpha * (s - lam), beta * (s - lam)
 
-  def log_norm(x, mask, top, plus_one):
+  def shifted_exp(x, mask, top):
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     shift = jnp.maximum(top, 0.0) if plus_one else top
-    total = jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, x - shift, 0.0)), 0.0), axis=-1,
-                    keepdims=True)
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x - shift, 0.0)), 0.0), shift
+
+  def log_norm(total, shift):
     total = total + jnp.exp(-shift) if plus_one else jnp.where(total > 0, total, 1.0)
     return jnp.log(total) + shift
 
@@ -218,8 +233,12 @@ def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
 
   plus_one = weighting == "ms"
   top_pos, top_neg = -alpha * (min_pos - lam), beta * (max_neg - lam)
-  log_norm_pos = log_norm(x_pos, pos, top_pos, plus_one)
-  log_norm_neg = log_norm(x_neg, neg, top_neg, plus_one)
+  exp_pos, shift_pos = shifted_exp(x_pos, pos, top_pos)
+  exp_neg, shift_neg = shifted_exp(x_neg, neg, top_neg)
+  zero = jnp.zeros((), s.dtype)
+  sum_pos, sum_neg = _row_reduce_pair((exp_pos, exp_neg), (zero, zero), (jnp.add, jnp.add))
+  log_norm_pos = log_norm(sum_pos, shift_pos)
+  log_norm_neg = log_norm(sum_neg, shift_neg)
   value = jnp.zeros_like(min_pos)
   if weighting in ("ms", "lifted", "binlifted"):
     value += log_norm_pos / alpha + log_norm_neg / beta

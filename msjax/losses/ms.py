@@ -60,26 +60,33 @@ def ms_preset(name: str) -> dict:
   return dict(MS_PRESETS[name])
 
 
-def _select(name, sim, labels, *, ref_labels, anchor_index, batch_size, epsilon, mining,
-            self_pair, self_threshold):
-  """Checks the inputs and runs step 1: ``(pairs, pos_mined, neg_mined, active)``.
-
-  ``active[i]`` says anchor i has both a mined positive and a mined negative.
-  """
+def _candidates(name, sim, labels, ref_labels, anchor_index, batch_size, epsilon, self_pair,
+                self_threshold):
+  """Checks the inputs: ``(pairs, candidate positives, candidate negatives)``."""
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
   gpw.check_non_negative(name, epsilon=epsilon)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
                             batch_size=batch_size, loss_name=name)
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
-  if mining:
-    s = jax.lax.stop_gradient(pairs.sim)
-    inf = jnp.asarray(jnp.inf, s.dtype)
-    # An anchor with no positive has min = +inf: no negative passes, so it contributes 0.
-    min_pos = jnp.min(jnp.where(pos, s, inf), axis=-1, keepdims=True)
-    max_neg = jnp.max(jnp.where(neg, s, -inf), axis=-1, keepdims=True)
-    # Written as in the released code (S + ε > min, S − ε < max) so float rounding agrees.
-    neg = neg & (s + epsilon > min_pos)
-    pos = pos & (s - epsilon < max_neg)
+  return pairs, pos, neg
+
+
+def _select(name, sim, labels, *, ref_labels, anchor_index, batch_size, epsilon, mining,
+            self_pair, self_threshold):
+  """Checks the inputs and runs step 1: ``(pairs, pos_mined, neg_mined, active)``.
+
+  ``active[i]`` says anchor i has both a mined positive and a mined negative. This is the
+  plain form that ``ms_loss`` (the autodiff reference) uses; ``_row_stats`` is the fused
+  form behind ``ms_weights``.
+  """
+  pairs, pos, neg = _candidates(name, sim, labels, ref_labels, anchor_index, batch_size,
+                                epsilon, self_pair, self_threshold)
+  s = jax.lax.stop_gradient(pairs.sim)
+  inf = jnp.asarray(jnp.inf, s.dtype)
+  # An anchor with no positive has min = +inf: no negative passes, so it contributes 0.
+  min_pos = jnp.min(jnp.where(pos, s, inf), axis=-1, keepdims=True)
+  max_neg = jnp.max(jnp.where(neg, s, -inf), axis=-1, keepdims=True)
+  pos, neg = _mine(s, pos, neg, min_pos, max_neg, epsilon, mining)
   active = jnp.any(pos, axis=-1) & jnp.any(neg, axis=-1)
   return pairs, pos, neg, active
 
@@ -270,12 +277,8 @@ def _pair_weights(s, same, not_self, stats, *, alpha, beta, lam, epsilon, mining
 def _weights_setup(name, sim, labels, ref_labels, anchor_index, batch_size, alpha, beta,
                    epsilon, weighting, self_pair, self_threshold):
   _check_weighting(name, alpha, beta, weighting)
-  gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
-  gpw.check_non_negative(name, epsilon=epsilon)
-  pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                            batch_size=batch_size, loss_name=name)
-  pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
-  return pairs, pos, neg
+  return _candidates(name, sim, labels, ref_labels, anchor_index, batch_size, epsilon,
+                     self_pair, self_threshold)
 
 
 def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=40.0,

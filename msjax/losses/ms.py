@@ -225,6 +225,7 @@ def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
     active = has_pos & has_neg
   pos, neg = _mine(s, pos, neg, min_pos, max_neg, epsilon, mining)
   x_pos, x_neg = -alpha * (s - lam), beta * (s - lam)
+  plus_one = weighting == "ms"
 
   def shifted_exp(x, mask, top):
     top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -238,7 +239,6 @@ def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
   def row_sum(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0), axis=-1, keepdims=True)
 
-  plus_one = weighting == "ms"
   top_pos, top_neg = -alpha * (min_pos - lam), beta * (max_neg - lam)
   exp_pos, shift_pos = shifted_exp(x_pos, pos, top_pos)
   exp_neg, shift_neg = shifted_exp(x_neg, neg, top_neg)
@@ -274,11 +274,20 @@ def _pair_weights(s, same, not_self, stats, *, alpha, beta, lam, epsilon, mining
   return jnp.where(neg, w, 0.0) - jnp.where(pos, w, 0.0)
 
 
-def _weights_setup(name, sim, labels, ref_labels, anchor_index, batch_size, alpha, beta,
-                   epsilon, weighting, self_pair, self_threshold):
+def _fused(name, sim, labels, *, ref_labels, anchor_index, alpha, beta, lam, epsilon, mining,
+           weighting, self_pair, self_threshold, batch_size, symmetric):
+  """``(loss, W)``, or ``(loss, W + Wᵀ)`` for a symmetric square S, from one row-stats pass."""
+  hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, weighting=weighting)
   _check_weighting(name, alpha, beta, weighting)
-  return _candidates(name, sim, labels, ref_labels, anchor_index, batch_size, epsilon,
-                     self_pair, self_threshold)
+  pairs, pos, neg = _candidates(name, sim, labels, ref_labels, anchor_index, batch_size,
+                                epsilon, self_pair, self_threshold)
+  stats = _row_stats(pairs.sim, pos, neg, **hp)
+  same = pairs.labels[:, None] == pairs.ref_labels[None, :]
+  weights = _pair_weights(pairs.sim, same, pos | neg, stats, **hp)
+  if symmetric:
+    column_stats = _RowStats(*(x.T for x in stats))
+    weights += _pair_weights(pairs.sim, same, pos | neg, column_stats, **hp)
+  return jnp.sum(stats.value) / pairs.batch_size, weights / pairs.batch_size
 
 
 def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=40.0,
@@ -296,24 +305,20 @@ def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, be
   the same ratios as ``ms`` without the 1 (softmax over P̃_i / Ñ_i); ``binlifted``: their
   sum; ``none``: 1. Same arguments as ``ms_loss``.
   """
-  return ms_value_and_weights(
-      sim, labels, ref_labels=ref_labels, anchor_index=anchor_index, alpha=alpha, beta=beta,
-      lam=lam, epsilon=epsilon, mining=mining, weighting=weighting, self_pair=self_pair,
-      self_threshold=self_threshold, batch_size=batch_size)[1]
+  return _fused("ms_weights", sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+                alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining,
+                weighting=weighting, self_pair=self_pair, self_threshold=self_threshold,
+                batch_size=batch_size, symmetric=False)[1]
 
 
 def ms_value_and_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0,
                          beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms",
                          self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """``(ms_loss, ms_weights)`` from one set of row statistics (what a fused step needs)."""
-  hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, weighting=weighting)
-  pairs, pos, neg = _weights_setup("ms_weights", sim, labels, ref_labels, anchor_index,
-                                   batch_size, alpha, beta, epsilon, weighting, self_pair,
-                                   self_threshold)
-  stats = _row_stats(pairs.sim, pos, neg, **hp)
-  same = pairs.labels[:, None] == pairs.ref_labels[None, :]
-  weights = _pair_weights(pairs.sim, same, pos | neg, stats, **hp)
-  return jnp.sum(stats.value) / pairs.batch_size, weights / pairs.batch_size
+  return _fused("ms_value_and_weights", sim, labels, ref_labels=ref_labels,
+                anchor_index=anchor_index, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon,
+                mining=mining, weighting=weighting, self_pair=self_pair,
+                self_threshold=self_threshold, batch_size=batch_size, symmetric=False)
 
 
 def ms_value_and_symmetric_weights(sim, labels, *, alpha=2.0, beta=40.0, lam=0.5,
@@ -328,14 +333,7 @@ def ms_value_and_symmetric_weights(sim, labels, *, alpha=2.0, beta=40.0, lam=0.5
   exact when S is exactly symmetric (``E @ E.T`` is, on the CPU backend) and within
   rounding of the weights otherwise. ``anchor_index`` must be ``arange(B)`` or None.
   """
-  hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, weighting=weighting)
-  pairs, pos, neg = _weights_setup("ms_value_and_symmetric_weights", sim, labels, None,
-                                   anchor_index, batch_size, alpha, beta, epsilon, weighting,
-                                   self_pair, self_threshold)
-  stats = _row_stats(pairs.sim, pos, neg, **hp)
-  same = pairs.labels[:, None] == pairs.labels[None, :]
-  not_self = pos | neg
-  column_stats = _RowStats(*(x.T for x in stats))
-  sym = (_pair_weights(pairs.sim, same, not_self, stats, **hp)
-         + _pair_weights(pairs.sim, same, not_self, column_stats, **hp))
-  return jnp.sum(stats.value) / pairs.batch_size, sym / pairs.batch_size
+  return _fused("ms_value_and_symmetric_weights", sim, labels, ref_labels=None,
+                anchor_index=anchor_index, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon,
+                mining=mining, weighting=weighting, self_pair=self_pair,
+                self_threshold=self_threshold, batch_size=batch_size, symmetric=True)

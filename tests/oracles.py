@@ -111,3 +111,82 @@ LOSSES = {
     "lifted": lifted_loss,
     "binomial": binomial_loss,
 }
+
+
+def retrieval(query, query_labels, gallery=None, gallery_labels=None, ks=(1, 2, 4, 8)):
+  """Per-query loop over a full float64 ranking (stable sort: similarity desc, index asc).
+
+  Returns ``(metrics, per_query)`` where ``per_query`` has, for each query, its first
+  positive position (-1 without positives), R, the hits among the first R and AP@R.
+  """
+  symmetric = gallery is None
+  if symmetric:
+    gallery, gallery_labels = query, query_labels
+  query = np.asarray(query, np.float64)
+  gallery = np.asarray(gallery, np.float64)
+  query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+  first, num, hits, aps = [], [], [], []
+  for i in range(len(query)):
+    index = np.arange(len(gallery))
+    sims = np.array([float(np.dot(query[i], g)) for g in gallery])
+    if symmetric:
+      sims, index = sims[index != i], index[index != i]
+    order = sorted(range(len(index)), key=lambda j: (-sims[j], index[j]))
+    rel = [bool(gallery_labels[index[j]] == query_labels[i]) for j in order]
+    r = sum(rel)
+    num.append(r)
+    if r == 0:
+      first.append(-1), hits.append(0), aps.append(0.0)
+      continue
+    first.append(rel.index(True))
+    found, ap = 0, 0.0
+    for pos in range(r):
+      if rel[pos]:
+        found += 1
+        ap += found / (pos + 1)
+    hits.append(found)
+    aps.append(ap / r)
+  first, num, hits, aps = map(np.array, (first, num, hits, aps))
+  has = num > 0
+  metrics = {f"recall@{k}": float(np.mean(first[has] < k)) for k in ks}
+  metrics["precision@1"] = float(np.mean(first[has] == 0))
+  metrics["r_precision"] = float(np.mean(hits[has] / num[has]))
+  metrics["map@r"] = float(np.mean(aps[has]))
+  metrics["num_queries"] = int(has.sum())
+  metrics["queries_without_positives"] = int((~has).sum())
+  return metrics, dict(first_positive=first, num_positives=num, hits_in_top_r=hits,
+                       ap_at_r=aps)
+
+
+def nmi(labels_true, labels_pred):
+  """NMI from the contingency table, by loops: I(U;V) / mean(H(U), H(V))."""
+  n = len(labels_true)
+  us, vs = sorted(set(labels_true)), sorted(set(labels_pred))
+  count = {(u, v): 0 for u in us for v in vs}
+  for u, v in zip(labels_true, labels_pred):
+    count[(u, v)] += 1
+  pu = {u: sum(count[(u, v)] for v in vs) / n for u in us}
+  pv = {v: sum(count[(u, v)] for u in us) / n for v in vs}
+  mi = sum(c / n * np.log((c / n) / (pu[u] * pv[v])) for (u, v), c in count.items() if c)
+  hu = -sum(p * np.log(p) for p in pu.values())
+  hv = -sum(p * np.log(p) for p in pv.values())
+  if hu == 0 and hv == 0:
+    return 1.0
+  return mi / ((hu + hv) / 2)
+
+
+def lloyd(x, centres, max_iters):
+  """Plain Lloyd iterations from given centres (ties: lower centre), by loops over points."""
+  x = np.asarray(x, np.float64)
+  centres = np.array(centres, np.float64)
+  assign = None
+  for _ in range(max_iters + 1):
+    new = np.array([int(np.argmin([np.sum((p - c) ** 2) for c in centres])) for p in x])
+    if assign is not None and (new == assign).all():
+      break
+    assign = new
+    for c in range(len(centres)):
+      members = x[assign == c]
+      if len(members):
+        centres[c] = members.mean(axis=0)
+  return assign, centres

@@ -1,21 +1,13 @@
 """The sharded global-batch loss on 8 virtual CPU devices equals the single-device loss."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).parent / "scripts" / "global_batch_check.py"
+from scripts_run import run_json_script
 
 
 @pytest.fixture(scope="module")
 def report():
-  out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                       timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout)
+  return run_json_script("global_batch_check.py")
 
 
 def test_runs_on_eight_devices(report):

@@ -400,8 +400,9 @@ def _ranking_kernel(query, query_ids, gallery, gallery_ids, q_slots, g_slots, sc
 
   # 3. Each device finishes its own queries. Every table entry was written by one device
   #    only (the others hold 0), so a sum gathers them exactly.
-  count = jax.lax.psum_scatter(count, axis, scatter_dimension=0, tiled=True)
-  table = jax.lax.psum_scatter(table, axis, scatter_dimension=0, tiled=True)
+  if devices > 1:
+    count = jax.lax.psum_scatter(count, axis, scatter_dimension=0, tiled=True)
+    table = jax.lax.psum_scatter(table, axis, scatter_dimension=0, tiled=True)
   # The top k lie in the k groups with the highest maxima (ties: lower group first), plus
   # one group for the query itself and one for a group that padding shares with real
   # items, either of which may have lent a group its maximum. The members of those

@@ -9,6 +9,8 @@ What is measured, side by side in one run on this machine:
 * ``faiss``   faiss-cpu ``IndexFlatIP``: ``add`` + ``search(emb, k=1001)`` (1000
               neighbours after dropping the query itself), then the same metrics from
               the neighbour lists with vectorised NumPy. Time = search + metrics.
+* ``pieces``  msjax's pass taken apart (matmul, counts, group maxima, top-R stage), each
+              piece jitted alone: where its time goes.
 * ``floor``   the matmul work every exact method does, at the best rate XLA reaches on
               this machine (``[4096, 512] × [512, N]`` row blocks or ``1024 × 1024``
               tiles): ``2·N²·D`` flops for the full similarity matrix, half of it when
@@ -158,7 +160,64 @@ def worker_floor(x, labels, args):
   return dict(seconds=full, half_s=full / 2, gflops=best, gflops_by_shape=rates)
 
 
-WORKERS = {"msjax": worker_msjax, "faiss": worker_faiss, "floor": worker_floor}
+def worker_pieces(x, labels, args):
+  """msjax's pass, piece by piece at the default tile and group (each jitted alone):
+  seconds per tile pair, times the number of pairs, and the final top-R stage."""
+  import jax
+  import jax.numpy as jnp
+  from msjax import evaluate as E
+  n, d = x.shape
+  tile = E.DEFAULT_TILE_SIZE
+  rows = -(-n // tile) * tile
+  group = E._group_size(tile, rows, rows, None)
+  pairs = (rows // tile) * (rows // tile + 1) // 2
+  a, b = jnp.asarray(x[:tile]), jnp.asarray(x[tile:2 * tile])
+  block = jnp.dot(a, b.T)
+  ids = jnp.asarray(labels[:tile].astype(np.int32))
+  s, i = block.max(axis=1), jnp.argmax(block, axis=1).astype(jnp.int32)
+
+  def per_call(f, *xs, reps=30):
+    f = jax.jit(f)
+    jax.block_until_ready(f(*xs))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = f(*xs)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps
+
+  hi = jax.lax.Precision.HIGHEST
+  pieces = {
+      "matmul": per_call(lambda a, b: jnp.dot(a, b.T, precision=hi), a, b),
+      "count (rows)": per_call(lambda t: E._count_before(t, 0, ids, ids, s, i, num_cols=n,
+                                                         axis=1), block),
+      "count (columns)": per_call(lambda t: E._count_before(t, 0, ids, ids, s, i,
+                                                            num_cols=n, axis=0), block),
+      "group maxima (rows)": per_call(lambda t: E._group_max(t, 0, group=group,
+                                                             num_cols=n, axis=1), block),
+      "group maxima (columns)": per_call(lambda t: E._group_max(t, 0, group=group,
+                                                                num_cols=n, axis=0), block),
+  }
+  out = {k: v * pairs for k, v in pieces.items()}
+  k = int(np.bincount(labels).max()) - 1
+  table = jnp.asarray(np.random.default_rng(0).normal(size=(rows, rows // group)),
+                      jnp.float32)
+  out["top groups"] = per_call(lambda t: E._top_groups(t, k + 1), table, reps=2)
+  cand = jnp.asarray(np.random.default_rng(1).integers(0, n, (rows, (k + 1) * group)),
+                     jnp.int32)
+  g = jnp.asarray(x)
+
+  def rescore(q, cand):
+    def one(args):
+      qq, c = args
+      return jax.lax.top_k(jnp.einsum("d,cd->c", qq, g[c], precision=hi), k)[1]
+    return jax.lax.map(one, (q, cand), batch_size=16)
+
+  out["rescore top R"] = per_call(rescore, jnp.asarray(np.resize(x, (rows, d))), cand, reps=2)
+  return dict(seconds=sum(out.values()), pieces=out, pairs=pairs, tile=tile, group=group)
+
+
+WORKERS = {"msjax": worker_msjax, "faiss": worker_faiss, "floor": worker_floor,
+           "pieces": worker_pieces}
 
 
 def run_worker(impl, args):
@@ -226,6 +285,13 @@ def markdown(meta, res):
   lines += [f"| {k} | {m['metrics'][k]:.6f} | {f['metrics'][k]:.6f} |" for k in keys]
   lines += ["", f"Largest difference between the two: {res['max_metric_diff']:.2e} "
             f"(one query of {meta['n']} is {1 / meta['n']:.1e})."]
+  if "pieces" in res:
+    pc = res["pieces"]
+    lines += ["", f"Where msjax's time goes: each piece jitted alone at tile {pc['tile']}, "
+              f"group {pc['group']}, times {pc['pairs']} tile pairs; the last two run once.",
+              "", "| piece | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in pc["pieces"].items()]
+    lines += [f"| sum | {pc['seconds']:.1f} |"]
   return "\n".join(lines) + "\n"
 
 
@@ -235,7 +301,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=2)
   p.add_argument("--tile", type=int, default=None)
   p.add_argument("--group", type=int, default=None)
-  p.add_argument("--impls", default="floor,msjax,faiss")
+  p.add_argument("--impls", default="floor,pieces,msjax,faiss")
   p.add_argument("--worker", choices=sorted(WORKERS))
   args = p.parse_args(argv)
   if args.worker:

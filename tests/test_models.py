@@ -42,6 +42,34 @@ def test_pooling_matches_torch(size):
       np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_pooling_gradients_match_torch():
+  x = np.random.default_rng(4).normal(size=(2, 3, 13, 12)).astype(np.float32)
+  x[0, 0, :3, :3] = 1.0  # tied maxima inside windows
+  for ours, theirs in (
+      (lambda v: layers.max_pool(v, 3, 2, 1, True),
+       lambda v: torch.nn.functional.max_pool2d(v, 3, 2, 1, ceil_mode=True)),
+      (lambda v: layers.avg_pool(v, 3, 2, 1, True, True),
+       lambda v: torch.nn.functional.avg_pool2d(v, 3, 2, 1, ceil_mode=True)),
+      (lambda v: layers.avg_pool(v, 3, 1, 1, True, False),
+       lambda v: torch.nn.functional.avg_pool2d(v, 3, 1, 1, ceil_mode=True,
+                                                count_include_pad=False))):
+    got = jax.grad(lambda v: jnp.sum(jnp.sin(ours(v))))(nhwc(x))
+    xt = torch.tensor(x, requires_grad=True)
+    torch.sin(theirs(xt)).sum().backward()
+    np.testing.assert_allclose(nchw(got), xt.grad.numpy(), atol=1e-6)
+
+
+def test_every_parameter_of_backbone_and_head_gets_a_gradient():
+  from msjax.losses import ms_loss_from_embeddings
+  model = models.create_model("small_cnn", 16, rngs=nnx.Rngs(0))
+  model.train()
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(8, 16, 16, 3)), F32)
+  labels = jnp.repeat(jnp.arange(4), 2)
+  grads = nnx.grad(lambda m: ms_loss_from_embeddings(m(x), labels))(model)
+  for path, g in nnx.to_flat_state(grads):
+    assert np.all(np.isfinite(g[...])) and np.abs(g[...]).sum() > 0, path
+
+
 def test_conv_matches_torch():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 17, 15)).astype(np.float32)

@@ -83,7 +83,8 @@ def max_pool(x, kernel, stride=None, padding=0, ceil_mode=False):
   stride = stride or kernel
   pads = [(0, 0)] + [_pool_padding(n, kernel, stride, padding, ceil_mode)
                      for n in x.shape[1:3]] + [(0, 0)]
-  init = jnp.array(-jnp.inf, x.dtype)
+  # A scalar identity, so JAX sees the max monoid (reduce_window_max, differentiable).
+  init = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
   return jax.lax.reduce_window(x, init, jax.lax.max, (1, kernel, kernel, 1),
                                (1, stride, stride, 1), pads)
 
@@ -98,7 +99,7 @@ def avg_pool(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_p
   pads = [(0, 0)] + [_pool_padding(n, kernel, stride, padding, ceil_mode)
                      for n in x.shape[1:3]] + [(0, 0)]
   window, strides = (1, kernel, kernel, 1), (1, stride, stride, 1)
-  zero = jnp.array(0, x.dtype)
+  zero = 0.0  # a scalar identity: the add monoid (reduce_window_sum, differentiable)
   total = jax.lax.reduce_window(x, zero, jax.lax.add, window, strides, pads)
   ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
   if count_include_pad:  # count input and symmetric padding, not the ceil overhang

@@ -12,7 +12,6 @@ Output: ``[B, 2048]`` globally pooled features (the classifier ``fc`` is not bui
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -11,7 +11,6 @@ Output: ``[B, 2048]`` globally pooled features (the classifier ``fc`` is not bui
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 from flax import nnx
 

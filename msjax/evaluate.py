@@ -324,17 +324,16 @@ def _top_groups(maxima, k, fan_in=8):
 
 
 def _ranking_kernel(query, query_ids, gallery, gallery_ids, q_slots, g_slots, schedule,
-                    *, axis, devices, tile, group, k, rows, cols, num_gallery, symmetric,
+                    *, axis, devices, tile, group, k, cols, num_gallery, symmetric,
                     precision, chunk):
   """Runs on one device inside shard_map.
 
   ``q_slots``/``g_slots`` (the class-packed tiles) and ``schedule`` (the tile pairs) are
-  this device's shares; the embeddings and ids are replicated. The tiles cover the first
-  ``rows`` queries and ``cols`` gallery items (padded to whole tiles); the query array is
-  longer by the padding that makes it divide among the devices, and each device finishes
+  this device's shares; the embeddings and ids are replicated. The schedule's tiles
+  cover the queries and the ``cols`` gallery items (both padded to whole tiles); the
+  query array is longer by the padding that makes it divide among the devices, and each device finishes
   its slice of queries. Returns that slice's counts and top-k gallery indices.
   """
-  del rows  # implied by the schedule
   neg_inf = jnp.array(-jnp.inf, query.dtype)
   local = query.shape[0] // devices
   first = jax.lax.axis_index(axis) * local
@@ -502,7 +501,7 @@ def retrieval_rankings(query_emb, query_labels, gallery_emb=None, gallery_labels
   chunk = max(1, min(16, (1 << 20) // (k * group * d)))
 
   kernel = _compiled_kernel(mesh, axis, devices=devices, tile=tile, group=group, k=k,
-                            rows=rows, cols=cols, num_gallery=ng, symmetric=prob.symmetric,
+                            cols=cols, num_gallery=ng, symmetric=prob.symmetric,
                             precision=precision, chunk=chunk)
   put = lambda x, spec: _put(x, NamedSharding(mesh, spec))
   query_dev = put(query, P())

@@ -48,6 +48,18 @@ def torch_key(path: str) -> str:
   return ".".join(mods + [_LEAF_TO_TORCH[leaf]])
 
 
+def _key_differences(expected, given, noun) -> list[str]:
+  """Lines naming what ``given`` lacks and what it has beyond ``expected`` (8 of each)."""
+  lines = []
+  for what, keys in (("missing", set(expected) - set(given)),
+                     ("unexpected", set(given) - set(expected))):
+    if keys:
+      keys = sorted(keys)
+      lines.append(f"{what} {len(keys)} {noun}: {', '.join(keys[:8])}"
+                   + (" ..." if len(keys) > 8 else ""))
+  return lines
+
+
 def _from_torch(value: np.ndarray, path: str) -> np.ndarray:
   if path.endswith("/kernel"):
     if value.ndim == 4:
@@ -78,15 +90,7 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *,
            if not k.endswith("num_batches_tracked") and not k.startswith(ignore)}
   variables = flat_variables(model)
   expected = {torch_key(path): path for path in variables}
-  missing = sorted(set(expected) - set(given))
-  extra = sorted(set(given) - set(expected))
-  problems = []
-  if missing:
-    problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}"
-                    + (" ..." if len(missing) > 8 else ""))
-  if extra:
-    problems.append(f"unexpected {len(extra)} key(s): {', '.join(extra[:8])}"
-                    + (" ..." if len(extra) > 8 else ""))
+  problems = _key_differences(expected, given, "key(s)")
   out = {}
   for key, path in expected.items():
     if key not in given:
@@ -130,13 +134,7 @@ def load_npz(path) -> tuple[str | None, dict[str, np.ndarray]]:
 def assign(model: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str = "weights"):
   """Sets every parameter and batch statistic of ``model`` from ``arrays`` (exact keys)."""
   variables = flat_variables(model)
-  missing = sorted(set(variables) - set(arrays))
-  extra = sorted(set(arrays) - set(variables))
-  problems = []
-  if missing:
-    problems.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:8])}")
-  if extra:
-    problems.append(f"unexpected {len(extra)} parameter(s): {', '.join(extra[:8])}")
+  problems = _key_differences(variables, arrays, "parameter(s)")
   for path, var in variables.items():
     if path in arrays and tuple(arrays[path].shape) != tuple(var.shape):
       problems.append(f"{path}: {source} has shape {tuple(arrays[path].shape)}, the model "

@@ -331,8 +331,8 @@ def _ranking_kernel(query, query_ids, gallery, gallery_ids, q_slots, g_slots, sc
   ``q_slots``/``g_slots`` (the class-packed tiles) and ``schedule`` (the tile pairs) are
   this device's shares; the embeddings and ids are replicated. The schedule's tiles
   cover the queries and the ``cols`` gallery items (both padded to whole tiles); the
-  query array is longer by the padding that makes it divide among the devices, and each device finishes
-  its slice of queries. Returns that slice's counts and top-k gallery indices.
+  query array is longer by the padding that makes it divide among the devices, and
+  each device finishes its slice of queries. Returns that slice's counts and top-k gallery indices.
   """
   neg_inf = jnp.array(-jnp.inf, query.dtype)
   local = query.shape[0] // devices

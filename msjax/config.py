@@ -1,0 +1,79 @@
+"""The run configuration: every field with its default, and the checks that run first.
+
+``configs/<dataset>.py`` files start from ``base_config()`` and change what their recipe
+needs; any field can be overridden on the command line
+(``--config.data.root=/data/CUB``). Nothing below ``main.py`` reads flags: functions take
+this ConfigDict or a slice of it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ("cub", "cars", "sop", "inshop", "folder", "synthetic")
+BENCHMARKS = ("cub", "cars", "sop", "inshop")
+FORMATS = ("files", "tfds")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the released CUB-200 recipe of the MS paper (see configs/cub.py)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = d = ml_collections.ConfigDict()
+  d.dataset = "cub"          # one of DATASETS
+  d.format = "files"         # benchmarks: "files" (the real layout) or "tfds"
+  d.root = ""                # the dataset's directory; with format="tfds", the TFDS data_dir
+  d.val_fraction = 0.0       # training classes held out for model selection (last ones)
+  d.train_fraction = 0.5     # folder: the first fraction of classes (sorted) trains
+  d.synthetic = ml_collections.ConfigDict(dict(
+      num_train_classes=64, num_test_classes=64, images_per_class=32, image_size=48,
+      seed=0))  # the synthetic images' own seed: the same classes for every run seed
+  # P×K batches: P classes × K images each.
+  d.classes_per_batch = 16
+  d.images_per_class = 5
+  d.pad_small_classes = False  # classes with < K images: draw with replacement, or refuse
+  # Train: resize short side -> RandomResizedCrop(image_size, crop_scale) -> flip.
+  # Eval: resize short side -> center crop image_size.
+  d.image_size = 227
+  d.resize_to = 256
+  d.crop_scale = (0.16, 1.0)
+  d.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  d.flip = True
+  d.eval_batch_size = 128
+  d.num_workers = 2          # input worker processes per host
+  d.num_threads = 2          # batches built concurrently per worker
+  d.prefetch = 2             # batches buffered per worker
+
+  c.model = m = ml_collections.ConfigDict()
+  m.backbone = "bninception"
+  m.pretrained = ""          # a converted .npz (python -m msjax.models.convert); "" = random
+  m.embedding_dim = 512
+  m.pooling = ""             # "" = the backbone's default (max for BN-Inception)
+  m.frozen_bn = True
+  m.dtype = "float32"        # compute dtype: "bfloat16" on TPU/GPU
+
+  c.loss = ml_collections.ConfigDict(dict(
+      name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms"))
+  return c
+
+
+def check_data_config(d: ml_collections.ConfigDict):
+  """Raises ``DataError`` naming the first inconsistent ``config.data`` field."""
+  from msjax.data.records import DataError
+  if d.dataset not in DATASETS:
+    raise DataError(f"config.data.dataset={d.dataset!r} is not a dataset msjax knows; "
+                    f"choose one of {DATASETS}.")
+  if d.dataset in BENCHMARKS and d.format not in FORMATS:
+    raise DataError(f"config.data.format={d.format!r}; choose one of {FORMATS}.")
+  if d.dataset != "synthetic" and not d.root:
+    where = "the TFDS data_dir" if d.format == "tfds" else "the dataset's directory"
+    raise DataError(f"config.data.root is empty; set it to {where}, e.g. "
+                    f"--config.data.root=/data/{d.dataset}.")
+  for field in ("classes_per_batch", "images_per_class", "eval_batch_size", "image_size"):
+    if int(d[field]) < 1:
+      raise DataError(f"config.data.{field}={d[field]} must be a positive integer.")
+  if d.resize_to and d.resize_to < d.image_size:
+    raise DataError(f"config.data.resize_to={d.resize_to} is smaller than "
+                    f"config.data.image_size={d.image_size}; the eval center crop needs "
+                    "resize_to ≥ image_size (or resize_to=0 to skip resizing).")

@@ -95,10 +95,11 @@ class Split:
   def summary(self) -> dict:
     """Images, classes and images per class (min/median/max), as ``check`` prints."""
     sizes = self.class_sizes()
+    if not sizes.size:
+      sizes = np.zeros(1, int)
     return {"images": int(len(self)), "classes": int(self.num_classes),
-            "images_per_class": {"min": int(sizes.min(initial=0)),
-                                 "median": float(np.median(sizes)) if sizes.size else 0.0,
-                                 "max": int(sizes.max(initial=0))}}
+            "images_per_class": {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                                 "max": int(sizes.max())}}
 
 
 def make_split(name: str, images: ImageSource, class_ids: Sequence, class_names=None) -> Split:

@@ -153,3 +153,11 @@ def test_global_batches_on_a_one_device_mesh(cub):
   state = it.get_state()
   it.set_state(state)
   np.testing.assert_array_equal(np.asarray(next(it)["label"]), expected[1]["label"])
+
+
+def test_global_batches_on_8_devices():
+  """Each of 8 devices (flat and 4×2 meshes) holds its contiguous slice of the batch."""
+  from scripts_run import run_json_script
+  result = run_json_script("data_sharding_check.py", timeout=300)
+  assert result == {"flat": {"ok": True, "spec": "P('batch',)"},
+                    "4x2": {"ok": True, "spec": "P(('data', 'replica'),)"}}

@@ -14,6 +14,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
+from msjax import config as config_lib
 from msjax.data import sources, transforms
 from msjax.data.records import DataError
 
@@ -71,9 +72,9 @@ def check_dataset(d, *, full_decode: bool = False, threads: int = 8) -> dict:
   Raises ``DataError`` when the dataset cannot be loaded at all (root or metadata).
   """
   dataset = sources.load_dataset(d)
-  report = {"dataset": d.dataset, "format": d.format if d.dataset in (
-      "cub", "cars", "sop", "inshop") else d.dataset, "root": d.root, "splits": {},
-            "problems": [], "notes": []}
+  benchmark = d.dataset in config_lib.BENCHMARKS
+  report = {"dataset": d.dataset, "format": d.format if benchmark else None,
+            "root": d.root, "splits": {}, "problems": [], "notes": []}
   published = _published_counts(d)
   for name, split in dataset.splits().items():
     summary = split.summary()
@@ -111,7 +112,7 @@ def check_dataset(d, *, full_decode: bool = False, threads: int = 8) -> dict:
 
 def _published_counts(d) -> dict:
   """The benchmark's published ``split -> (images, classes)``; empty for other sources."""
-  if d.dataset not in ("cub", "cars", "sop", "inshop") or d.val_fraction:
+  if d.dataset not in config_lib.BENCHMARKS or d.val_fraction:
     return {}
   from msjax.data.benchmarks import PUBLISHED_COUNTS
   return PUBLISHED_COUNTS.get(d.dataset, {})

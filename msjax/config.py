@@ -26,9 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.root = ""                # the dataset's directory; with format="tfds", the TFDS data_dir
   d.val_fraction = 0.0       # training classes held out for model selection (last ones)
   d.train_fraction = 0.5     # folder: the first fraction of classes (sorted) trains
+  # The generated default (msjax.data.synthetic); its seed fixes the images, so every
+  # run seed sees the same classes.
   d.synthetic = ml_collections.ConfigDict(dict(
-      num_train_classes=64, num_test_classes=64, images_per_class=32, image_size=48,
-      seed=0))  # the synthetic images' own seed: the same classes for every run seed
+      num_train_classes=128, num_test_classes=64, images_per_class=32, image_size=32,
+      seed=0))
   # P×K batches: P classes × K images each.
   d.classes_per_batch = 16
   d.images_per_class = 5

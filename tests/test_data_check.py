@@ -138,3 +138,13 @@ def test_config_mistakes_are_named():
     check_dataset(_config("cub", dataset="cubs").data)
   with pytest.raises(DataError, match="config.data.root is empty"):
     check_dataset(_config("cub").data)
+
+
+def test_synthetic_default_checks_without_a_root():
+  c = _config("synthetic")
+  c.data.synthetic.update(num_train_classes=16, num_test_classes=4, images_per_class=5)
+  report = check_dataset(c.data, full_decode=True)
+  assert report["ok"], report["problems"]
+  assert report["format"] is None
+  assert {s: (v["images"], v["classes"]) for s, v in report["splits"].items()} == {
+      "train": (80, 16), "test": (20, 4)}

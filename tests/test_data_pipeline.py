@@ -161,3 +161,31 @@ def test_global_batches_on_8_devices():
   result = run_json_script("data_sharding_check.py", timeout=300)
   assert result == {"flat": {"ok": True, "spec": "P('batch',)"},
                     "4x2": {"ok": True, "spec": "P(('data', 'replica'),)"}}
+
+
+def test_synthetic_config_batches_are_whole_images_or_their_flips():
+  """configs/synthetic.py crops the whole image: a training image is the rendered one
+  or its mirror image, and evaluation returns it untouched."""
+  import importlib.util
+  import pathlib
+
+  from msjax import data
+  path = pathlib.Path(__file__).parents[1] / "configs" / "synthetic.py"
+  spec = importlib.util.spec_from_file_location("synthetic_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  d = module.get_config().data
+  d.synthetic.update(num_train_classes=16, num_test_classes=4, images_per_class=4)
+  ds = data.load_dataset(d)
+  flips = 0
+  for batch in _batches(data.train_batches(ds.train, d, seed=0, num_steps=2)):
+    assert batch["image"].shape == (64, 32, 32, 3)
+    for image, i in zip(batch["image"], batch["index"]):
+      raw = ds.train.images.read(int(i))
+      flipped = np.array_equal(image, raw[:, ::-1])
+      assert flipped or np.array_equal(image, raw)
+      flips += flipped
+  assert 30 < flips < 98
+  (batch,) = _batches(data.eval_batches(ds.test, d))
+  np.testing.assert_array_equal(batch["image"][:16],
+                                np.stack([ds.test.images.read(i) for i in range(16)]))

@@ -25,7 +25,7 @@ def image_transform(d, *, train: bool) -> ImageTransform:
   """``config.data``'s training or evaluation transform."""
   return ImageTransform(image_size=d.image_size, resize_to=d.resize_to or None, train=train,
                         crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
-                        flip=d.flip)
+                        flip=d.flip, single_resize=d.single_resize)
 
 
 def train_batches(split: Split, d, *, seed: int, num_steps: int, start_step: int = 0,

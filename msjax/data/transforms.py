@@ -61,16 +61,17 @@ def decode(data, where: str) -> Image.Image:
   return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _short_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+  """``(w, h)`` scaled so the short side is ``size``, the long side truncated."""
+  if min(w, h) == size:
+    return w, h
+  return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+
+
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
   """Scales so the short side is ``size`` (long side truncated, as torchvision's Resize)."""
-  w, h = img.size
-  if min(w, h) == size:
-    return img
-  if w <= h:
-    new = (size, int(size * h / w))
-  else:
-    new = (int(size * w / h), size)
-  return img.resize(new, Image.Resampling.BILINEAR)
+  new = _short_side_size(*img.size, size)
+  return img if new == img.size else img.resize(new, Image.Resampling.BILINEAR)
 
 
 def random_resized_crop_box(width: int, height: int, scale, ratio,
@@ -122,6 +123,11 @@ class ImageTransform:
     train: random crop and flip (train) or center crop (eval).
     crop_scale, crop_ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
     flip: random horizontal flip in training.
+    single_resize: resample the crop straight from the decoded image (its box mapped
+      back through the short-side resize) instead of resizing the whole image first and
+      then the crop. The same crops and flips, about a third less work per image, and
+      pixels within a few levels of the two-step result; off by default, which matches
+      the released pipeline exactly.
   """
 
   image_size: int = 227
@@ -130,6 +136,7 @@ class ImageTransform:
   crop_scale: tuple[float, float] = (0.16, 1.0)
   crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
   flip: bool = True
+  single_resize: bool = False
 
   def __post_init__(self):
     if self.image_size < 1 or (self.resize_to is not None and self.resize_to < 1):
@@ -145,23 +152,34 @@ class ImageTransform:
 
   def __call__(self, data, where: str, rng: np.random.Generator | None = None) -> np.ndarray:
     img = decode(data, where)
-    if self.resize_to is not None:
-      img = resize_short_side(img, self.resize_to)
     w, h = img.size
+    if self.resize_to is not None:
+      w, h = _short_side_size(w, h, self.resize_to)
     s = self.image_size
     if self.train:
       if rng is None:
         raise ValueError("a training transform needs a random generator.")
       left, top, cw, ch = random_resized_crop_box(w, h, self.crop_scale, self.crop_ratio, rng)
-      # Crop, then resize: resizing with a box would let pixels outside it bleed in.
-      img = img.crop((left, top, left + cw, top + ch)).resize(
-          (s, s), Image.Resampling.BILINEAR)
+      img = self._resized_crop(img, (w, h), (left, top, cw, ch), s)
       if self.flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     else:
-      left, top, cw, ch = center_crop_box(w, h, s)
-      img = img.crop((left, top, left + cw, top + ch))
+      img = self._resized_crop(img, (w, h), center_crop_box(w, h, s), s)
     return np.asarray(img, dtype=np.uint8)
+
+  def _resized_crop(self, img: Image.Image, size, box, out: int) -> Image.Image:
+    """The ``box`` of ``img`` resized to ``size``, resampled to ``out × out``."""
+    left, top, cw, ch = box
+    if self.single_resize and img.size != tuple(size):
+      sx, sy = img.size[0] / size[0], img.size[1] / size[1]
+      return img.resize((out, out), Image.Resampling.BILINEAR,
+                        box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+    if img.size != tuple(size):
+      img = img.resize(size, Image.Resampling.BILINEAR)
+    # Crop, then resize: resizing with a box would let pixels outside it bleed in.
+    img = img.crop((left, top, left + cw, top + ch))
+    return img if img.size == (out, out) else img.resize((out, out),
+                                                         Image.Resampling.BILINEAR)
 
 
 def normalize(images, convention: str, xp=None):

@@ -189,3 +189,26 @@ def test_synthetic_config_batches_are_whole_images_or_their_flips():
   (batch,) = _batches(data.eval_batches(ds.test, d))
   np.testing.assert_array_equal(batch["image"][:16],
                                 np.stack([ds.test.images.read(i) for i in range(16)]))
+
+
+def test_two_processes_form_the_global_batch(tmp_path):
+  """Two jax.distributed processes each load half of every batch; the global array they
+  assemble is exactly the batch one process alone produces."""
+  import json
+  import socket
+  import subprocess
+  import sys
+
+  root = fx.make_cub(str(tmp_path), num_classes=16, sizes=4).root
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  script = os.path.join(os.path.dirname(__file__), "scripts", "data_two_process.py")
+  procs = [subprocess.Popen([sys.executable, script, str(i), str(port), root],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  result = json.loads(outs[0][0].strip().splitlines()[-1])
+  assert result == {"ok": True, "devices": 4, "local_devices": 2, "local_rows": [8, 8, 8]}

@@ -34,7 +34,8 @@ def test_value_matches_released_loop(jitted, preset):
   loss, _ = jitted
   hp = L.ms_preset(preset)
   checked = 0
-  for sim, labels in random_batches(150, kinds=KINDS, seed=hash(preset) % 1000):
+  # A fixed seed per preset: str hashes change with every interpreter (PYTHONHASHSEED).
+  for sim, labels in random_batches(150, kinds=KINDS, seed={"released": 0, "paper": 1}[preset]):
     expected, _ = oracles.released_ms_loss(sim, labels, **hp)
     got = float(loss(sim, labels, **hp))
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-12)

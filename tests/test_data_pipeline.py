@@ -1,5 +1,6 @@
 """The grain pipelines: right images, deterministic, resumable, sliced across processes."""
 
+import json
 import os
 
 import jax
@@ -63,7 +64,7 @@ def test_resume_from_iterator_state_and_from_step(cub):
   head = [np.array(next(it)["image"]) for _ in range(2)]
   state = it.get_state()
   resumed = iter(_train(split, workers=2))
-  resumed.set_state(state)
+  resumed.set_state(json.loads(json.dumps(state)))  # checkpoints store it as JSON
   tail = [np.array(b["image"]) for b in resumed]
   from_step = [b["image"] for b in _batches(_train(split, start=2))]
   expected = [b["image"] for b in straight]
@@ -194,7 +195,6 @@ def test_synthetic_config_batches_are_whole_images_or_their_flips():
 def test_two_processes_form_the_global_batch(tmp_path):
   """Two jax.distributed processes each load half of every batch; the global array they
   assemble is exactly the batch one process alone produces."""
-  import json
   import socket
   import subprocess
   import sys

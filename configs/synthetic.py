@@ -29,4 +29,7 @@ def get_config():
   c.model.embedding_dim = 64
   c.model.frozen_bn = False
   c.loss.update(name="ms", alpha=2.0, beta=50.0, lam=0.5, epsilon=0.1)
+  c.optim.update(lr=1e-3, weight_decay=0.0, lr_steps=())  # constant lr, no decay
+  c.train.update(num_steps=400, log_every=50, eval_every=0, checkpoint_every=200,
+                 eval_untrained=True)
   return c

@@ -58,6 +58,36 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms"))
+  # Keywords for the other registry losses (contrastive, triplet, lifted, binomial).
+  c.loss.other = ml_collections.ConfigDict()
+
+  # Adam with PyTorch's weight decay (added to the gradient), lr × lr_decay at lr_steps.
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = "adam"
+  o.lr = 3e-5
+  o.weight_decay = 5e-4
+  o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+  o.lr_steps = (1200, 2400)
+  o.lr_decay = 0.1
+  o.warmup_steps = 0
+  o.backbone_lr_mult = 1.0
+  o.head_lr_mult = 1.0
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 3000
+  t.log_every = 20            # steps between logged metrics (loss, images/s, GPW summary)
+  t.eval_every = 500          # steps between evaluations (0: only at the end)
+  t.checkpoint_every = 500    # steps between checkpoints (0: only at the end)
+  t.keep_checkpoints = 3      # the latest N, plus the best by config.eval.best_metric
+  t.eval_untrained = False    # also evaluate before the first step
+  t.stop_at_step = 0          # >0: checkpoint and exit after this step (time-limited jobs);
+                              # the same command resumes
+
+  c.eval = e = ml_collections.ConfigDict()
+  e.split = "test"            # "val" (model selection without test data) or "test"
+  e.ks = ()                   # Recall@K list; () = the dataset's (evaluate.DATASET_KS)
+  e.nmi = False
+  e.best_metric = "recall@1"
   return c
 
 

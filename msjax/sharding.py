@@ -1,0 +1,72 @@
+"""The device mesh, array placement, and multi-host start-up.
+
+One mesh axis, ``"batch"``, spans every device of every process: the global P×K batch is
+split along it, parameters and optimiser state are replicated (an FSDP axis can be added
+later without touching the step). Each process feeds its own contiguous slice of the
+batch (``msjax.data.GlobalBatches``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXIS = "batch"
+
+# Environment variables that mean "this is one process of several" on the platforms
+# jax.distributed.initialize() detects by itself (Cloud TPU VM slices, SLURM, Open MPI).
+_MULTI_PROCESS_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _several_processes_hinted() -> bool:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if len([h for h in hosts.split(",") if h]) > 1:
+    return True
+  return any(int(os.environ.get(k, "1") or 1) > 1 for k in _MULTI_PROCESS_HINTS[1:])
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins the processes of a multi-host run; a no-op for a single process.
+
+  With an explicit coordinator (two local processes in tests, or a GPU cluster) it uses
+  those; on a Cloud TPU VM slice (several ``TPU_WORKER_HOSTNAMES``), SLURM or Open MPI,
+  ``jax.distributed.initialize()`` finds its peers itself, so ``python -m msjax.main``
+  needs no extra flags there.
+  """
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _several_processes_hinted():
+    jax.distributed.initialize()
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A one-axis mesh (``"batch"``) over ``devices`` (default: every device)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading dimension split over the batch axis."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places every array of ``tree`` on every device of ``mesh`` (multi-host safe)."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    host = np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(put, tree)

@@ -1,0 +1,412 @@
+"""Training: the train state, the jitted sharded step, and the loop around it.
+
+``train_and_evaluate(config, workdir)`` is what ``python -m msjax.main`` runs:
+
+1. check the config and the data before anything compiles;
+2. build the model (``msjax.models``), the optimiser (Adam with weight decay added to the
+   gradient, as PyTorch's Adam does; multi-step decay, optional warmup; separate
+   learning-rate multipliers for backbone and head) and the state, replicated on a mesh
+   whose ``"batch"`` axis spans every device of every process;
+3. loop: global P×K batch → step → metrics, periodic evaluation, checkpoints (resuming
+   from the latest one, input position included), preemption and non-finite checks;
+4. write ``<workdir>/final_metrics.json`` and print the final table.
+
+The step computes the loss over the *global* batch: each device embeds its slice of the
+batch, then computes the similarity rows of its own anchors against every gathered
+embedding (``losses.global_batch_loss`` inside ``jax.shard_map``), so no device holds a
+``[B, B]`` matrix and the gradient equals the single-device one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from msjax import evaluate as evaluate_lib
+from msjax import losses, models, sharding
+from msjax.data import records, transforms
+
+# ---------------------------------------------------------------------------- config
+
+
+class ConfigError(ValueError):
+  """An inconsistent config; the message names the field and how to fix it."""
+
+
+def loss_kwargs(loss_cfg) -> dict:
+  """``config.loss`` → keyword arguments of the registry loss it names."""
+  if loss_cfg.name not in losses.NAMES:
+    raise ConfigError(f"config.loss.name={loss_cfg.name!r}; choose one of {losses.NAMES}.")
+  if loss_cfg.name == "ms":
+    return {k: loss_cfg[k] for k in ("alpha", "beta", "lam", "epsilon", "mining",
+                                     "weighting")}
+  return dict(loss_cfg.get("other") or {})
+
+
+def check_config(config, num_devices: int, process_count: int):
+  """Fails fast, before any compilation, on a config that cannot run."""
+  d, t = config.data, config.train
+  batch = d.classes_per_batch * d.images_per_class
+  if batch % num_devices:
+    raise ConfigError(
+        f"the P×K batch of {d.classes_per_batch}×{d.images_per_class} = {batch} images "
+        f"does not split over {num_devices} devices; make config.data.classes_per_batch × "
+        f"config.data.images_per_class a multiple of {num_devices}.")
+  if batch % process_count:
+    raise ConfigError(f"the batch of {batch} does not split over {process_count} "
+                      "processes.")
+  if d.eval_batch_size % num_devices:
+    raise ConfigError(f"config.data.eval_batch_size={d.eval_batch_size} must be a multiple "
+                      f"of the device count {num_devices}.")
+  if config.model.backbone not in models.BACKBONES:
+    raise ConfigError(f"config.model.backbone={config.model.backbone!r}; choose one of "
+                      f"{sorted(models.BACKBONES)}.")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or "
+                      "'bfloat16'.")
+  loss_kwargs(config.loss)
+  if t.num_steps < 1:
+    raise ConfigError(f"config.train.num_steps={t.num_steps} must be positive.")
+  if config.eval.split not in ("val", "test"):
+    raise ConfigError(f"config.eval.split={config.eval.split!r}; use 'val' (needs "
+                      "config.data.val_fraction > 0) or 'test'.")
+  if config.eval.split == "val" and not d.val_fraction:
+    raise ConfigError("config.eval.split='val' needs a validation split: set "
+                      "config.data.val_fraction (e.g. 0.2).")
+  pretrained = config.model.pretrained
+  if pretrained:
+    from etils import epath
+    if not epath.Path(pretrained).exists():
+      raise ConfigError(
+          f"config.model.pretrained={pretrained} does not exist. Convert the published "
+          "weights first: python -m msjax.models.convert --arch "
+          f"{config.model.backbone} --src <downloaded .pth> --out {pretrained} "
+          "(README, Models), or set config.model.pretrained='' to start from random "
+          "weights.")
+
+
+# ---------------------------------------------------------------------------- optimiser
+
+
+def learning_rate_schedule(o, num_steps: int) -> optax.Schedule:
+  """``o.lr`` × ``o.lr_decay`` at each of ``o.lr_steps``, after a linear warmup."""
+  boundaries = {int(s): float(o.lr_decay) for s in o.lr_steps if 0 < int(s) < num_steps}
+  decay = optax.piecewise_constant_schedule(float(o.lr), boundaries)
+  warmup = int(o.warmup_steps)
+  if not warmup:
+    return decay
+  return lambda count: decay(count) * jnp.minimum(1.0, (count + 1) / warmup)
+
+
+def build_optimizer(o, num_steps: int) -> optax.GradientTransformation:
+  """Adam with PyTorch's weight decay (``wd · θ`` added to the gradient before the
+  moments, not AdamW's decoupled decay), and per-group learning-rate multipliers."""
+  if o.name != "adam":
+    raise ConfigError(f"config.optim.name={o.name!r}; 'adam' is the supported optimiser.")
+  schedule = learning_rate_schedule(o, num_steps)
+
+  def group(mult):
+    return optax.chain(
+        optax.add_decayed_weights(float(o.weight_decay)),
+        optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps)),
+        optax.scale_by_learning_rate(lambda count: schedule(count) * mult))
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _: "head" if k == "head" else "backbone", v)
+            for k, v in params.items()}
+
+  return optax.multi_transform({"backbone": group(float(o.backbone_lr_mult)),
+                                "head": group(float(o.head_lr_mult))}, labels)
+
+
+# ---------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The static halves of the model: train- and eval-mode graph definitions."""
+
+  train_graph: Any
+  eval_graph: Any
+  convention: str
+
+
+def create_model(config, *, seed: int):
+  """The embedding model, its graphs, and its initial parameters and statistics."""
+  m = config.model
+  dtype = jnp.bfloat16 if m.dtype == "bfloat16" else None
+  model = models.create_model(
+      m.backbone, m.embedding_dim, rngs=nnx.Rngs(seed), pretrained=m.pretrained or None,
+      pooling=m.pooling or None, frozen_bn=m.frozen_bn, mlp_hidden=m.get("mlp_hidden") or None,
+      dtype=dtype)
+  eval_graph = nnx.graphdef(model)
+  model.train()
+  train_graph, params, rest = nnx.split(model, nnx.Param, ...)
+  return Model(train_graph, eval_graph, models.INPUT_CONVENTIONS[m.backbone]), params, rest
+
+
+def init_state(config, tx, mesh, *, seed: int):
+  """``(Model, state)``; the state is replicated over ``mesh``."""
+  model, params, rest = create_model(config, seed=seed)
+  state = {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest),
+           "step": jnp.zeros((), jnp.int32)}
+  state["opt_state"] = tx.init(state["params"])
+  return model, sharding.replicate(state, mesh)
+
+
+def _merge(graph, state):
+  params = nnx.State(state["params"])
+  rest = nnx.State(state["rest"])
+  return nnx.merge(graph, params, rest)
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def make_train_step(model: Model, tx, mesh, loss_cfg):
+  """The jitted step ``(state, images uint8, labels) -> (state, {"loss"})``.
+
+  The state is donated and stays replicated; images and labels are sharded over the
+  batch axis.
+  """
+  axis = sharding.BATCH_AXIS
+  loss_fn = jax.shard_map(
+      functools.partial(losses.global_batch_loss, axis_name=axis, loss=loss_cfg.name,
+                        **loss_kwargs(loss_cfg)),
+      mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
+      out_specs=PartitionSpec())
+
+  def step(state, images, labels):
+    x = transforms.normalize(images, model.convention, xp=jnp)
+
+    def objective(params):
+      net = _merge(model.train_graph, {**state, "params": params})
+      emb = net(x)
+      _, _, rest = nnx.split(net, nnx.Param, ...)
+      return loss_fn(emb, labels), nnx.to_pure_dict(rest)
+
+    (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "rest": rest, "opt_state": opt_state,
+           "step": state["step"] + 1}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  repl = sharding.replicated(mesh)
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+
+
+def make_embed_fn(model: Model, mesh):
+  """``(state, images uint8) -> L2-normalised embeddings``, sharded over the batch."""
+  @functools.partial(jax.jit, out_shardings=sharding.batch_sharded(mesh))
+  def embed(state, images):
+    x = transforms.normalize(images, model.convention, xp=jnp)
+    return _merge(model.eval_graph, state)(x).astype(jnp.float32)
+  return embed
+
+
+def step_memory(step_fn, state, images, labels) -> dict:
+  """The compiled step's memory analysis (bytes per device): temporaries and arguments."""
+  compiled = step_fn.lower(state, images, labels).compile()
+  m = compiled.memory_analysis()
+  return {"temp_bytes": int(m.temp_size_in_bytes),
+          "argument_bytes": int(m.argument_size_in_bytes),
+          "output_bytes": int(m.output_size_in_bytes)}
+
+
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def flat_tree(tree) -> dict:
+  """``tree`` as ``{"params.backbone.convs.0.kernel": leaf, ...}``: string keys only, so
+  any checkpoint format stores it, and a mismatch names the parameter."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = ".".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
+                   for p in path)
+    flat[key] = leaf
+  return flat
+
+
+def unflat_tree(flat: dict, template):
+  """Inverse of ``flat_tree`` given a tree of the same structure."""
+  leaves = [flat[k] for k in flat_tree(template)]
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _eval_splits(dataset: records.Dataset, split: str):
+  if split == "val":
+    return dataset.val, None
+  return dataset.test, dataset.gallery
+
+
+def evaluate_model(config, model: Model, state, dataset, mesh, *, split=None, title=None,
+                   json_path=None, extra=None):
+  """Recall@K, P@1, R-Precision, MAP@R (and NMI) of ``state`` on an evaluation split."""
+  from msjax import data as data_lib
+  split = split or config.eval.split
+  queries, gallery = _eval_splits(dataset, split)
+  embed = make_embed_fn(model, mesh)
+  ks = tuple(config.eval.ks) or evaluate_lib.DATASET_KS.get(config.data.dataset, (1, 2, 4, 8))
+
+  def batches(s):
+    return (data_lib.to_global(b, mesh) for b in data_lib.eval_batches(s, config.data))
+
+  return evaluate_lib.evaluate(
+      lambda images: embed(state, images), batches(queries),
+      batches(gallery) if gallery is not None else None, ks=ks, nmi=config.eval.nmi,
+      json_path=json_path, extra=extra, title=title, print_fn=print)
+
+
+def _scalars(prefix: str, metrics: dict) -> dict:
+  return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _setup(config, workdir):
+  """Checks, then builds what training and evaluation share."""
+  from etils import epath
+
+  from msjax import checkpoint as checkpoint_lib
+  from msjax import data as data_lib
+  mesh = sharding.make_mesh()
+  check_config(config, jax.device_count(), jax.process_count())
+  dataset = data_lib.load_dataset(config.data)
+  tx = build_optimizer(config.optim, config.train.num_steps)
+  model, state = init_state(config, tx, mesh, seed=config.seed)
+  workdir = epath.Path(workdir)
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints,
+      best_metric=f"{config.eval.split}/{config.eval.best_metric}")
+  return mesh, dataset, tx, model, state, workdir, ckpt
+
+
+def _restore(ckpt, state, step=None):
+  """``(state, data_state)`` from checkpoint ``step`` (default: the latest)."""
+  template = flat_tree(state)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+  restored, data_state, _ = ckpt.restore(step, abstract_state=abstract)
+  return unflat_tree(restored, state), data_state
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """Evaluates the workdir's latest checkpoint; writes ``<workdir>/eval_metrics.json``."""
+  mesh, dataset, _, model, state, workdir, ckpt = _setup(config, workdir)
+  try:
+    if ckpt.latest_step() is None:
+      raise ConfigError(f"{workdir} has no checkpoint to evaluate; train first "
+                        f"(python -m msjax.main --config ... --workdir {workdir}).")
+    state, _ = _restore(ckpt, state)
+    step = int(jax.device_get(state["step"]))
+    return evaluate_model(config, model, state, dataset, mesh, title=f"step {step}",
+                          json_path=workdir / "eval_metrics.json", extra={"step": step})
+  finally:
+    ckpt.close()
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the
+  final metrics (also written to ``<workdir>/final_metrics.json``)."""
+  from msjax import checkpoint as checkpoint_lib
+  from msjax import data as data_lib
+  from msjax import metric_writers
+
+  t = config.train
+  mesh, dataset, tx, model, state, workdir, ckpt = _setup(config, workdir)
+  data_lib.check_small_classes(dataset.train, config.data)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  step_fn = make_train_step(model, tx, mesh, config.loss)
+  writer = metric_writers.MetricWriter(workdir)
+  start, data_state = 0, None
+  if ckpt.latest_step() is not None:
+    state, data_state = _restore(ckpt, state)
+    start = int(jax.device_get(state["step"]))
+    print(f"Resuming {workdir} at step {start}.")
+
+  batches = data_lib.GlobalBatches(
+      data_lib.train_batches(dataset.train, config.data, seed=config.seed,
+                             num_steps=t.num_steps), mesh)
+  if data_state is not None:
+    batches.set_state(data_state)
+  elif start:
+    batches = data_lib.GlobalBatches(
+        data_lib.train_batches(dataset.train, config.data, seed=config.seed,
+                               num_steps=t.num_steps, start_step=start), mesh)
+
+  baselines = {}
+  if t.eval_untrained and start == 0:
+    baselines["untrained network"] = evaluate_model(config, model, state, dataset, mesh,
+                                                    title="untrained")
+    writer.write_scalars(0, _scalars("untrained", baselines["untrained network"]))
+  if config.data.dataset == "synthetic" and start == 0:
+    from msjax.data import synthetic
+    queries, _ = _eval_splits(dataset, config.eval.split)
+    baselines["raw pixels"] = synthetic.raw_pixel_recall(queries, ks=(1,))
+  watcher = checkpoint_lib.PreemptionWatcher()
+  batch_size = config.data.classes_per_batch * config.data.images_per_class
+  progress = metric_writers.Progress(t.num_steps, batch_size=batch_size)
+  last_metrics: dict = {}
+  step = start
+  try:
+    for step in range(start + 1, t.num_steps + 1):
+      batch = next(batches)
+      state, metrics = step_fn(state, batch["image"], batch["label"])
+      log_now = step % t.log_every == 0 or step == t.num_steps
+      saving = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+      stopping = watcher.should_stop(step) or (
+          bool(t.stop_at_step) and step == t.stop_at_step < t.num_steps)
+      if log_now or saving or stopping:
+        # Fetching the loss waits for the step, so it is done only here: dispatch runs
+        # ahead of the device in between, and a non-finite state is never saved.
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(values["loss"]):
+          raise FloatingPointError(
+              f"the loss is {values['loss']} at step {step}; stopping without saving this "
+              f"state (the last good checkpoint is step {ckpt.latest_step()}). Lower "
+              "config.optim.lr, or check the data (python -m msjax.data check).")
+      if log_now:
+        progress.update(step, loss=values["loss"])
+        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+      if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+        last_metrics = evaluate_model(config, model, state, dataset, mesh,
+                                      title=f"step {step}")
+        writer.write_scalars(step, _scalars(config.eval.split, last_metrics))
+      if (saving or stopping) and step < t.num_steps:
+        ckpt.save(step, flat_tree(state), data_state=batches.get_state(), force=stopping,
+                  metrics=_scalars(config.eval.split, last_metrics))
+      if stopping:
+        print(f"Stopping at step {step} (preemption or config.train.stop_at_step): "
+              "checkpoint saved; the same command resumes.")
+        ckpt.wait()
+        return {"stopped_at": step}
+    final = evaluate_model(config, model, state, dataset, mesh, title=f"final, step {step}",
+                           json_path=workdir / "final_metrics.json", extra={"step": step})
+    if baselines and jax.process_index() == 0:
+      rows = [*baselines.items(), (f"trained ({step} steps)", final)]
+      print("\n".join([f"Recall@1 on the held-out {config.eval.split} classes:"] +
+                       [f"  {name:>24}: {100 * m['recall@1']:.1f}%" for name, m in rows]))
+    writer.write_scalars(step, _scalars(config.eval.split, final))
+    ckpt.save(step, flat_tree(state), data_state=batches.get_state(), force=True,
+              metrics=_scalars(config.eval.split, final))
+    ckpt.wait()
+    return final
+  finally:
+    watcher.close()
+    writer.close()
+    ckpt.close()
+    batches.close()

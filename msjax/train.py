@@ -172,7 +172,7 @@ def _merge(graph, state):
 
 
 def make_train_step(model: Model, tx, mesh, loss_cfg):
-  """The jitted step ``(state, images uint8, labels) -> (state, {"loss"})``.
+  """The jitted step ``(state, images uint8, labels) -> (state, {"loss", "grad_norm"})``.
 
   The state is donated and stays replicated; images and labels are sharded over the
   batch axis.
@@ -204,6 +204,7 @@ def make_train_step(model: Model, tx, mesh, loss_cfg):
   return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
 
 
+@functools.lru_cache(maxsize=8)  # one compilation per model and mesh, not per evaluation
 def make_embed_fn(model: Model, mesh):
   """``(state, images uint8) -> L2-normalised embeddings``, sharded over the batch."""
   @functools.partial(jax.jit, out_shardings=sharding.batch_sharded(mesh))
@@ -275,7 +276,7 @@ def _scalars(prefix: str, metrics: dict) -> dict:
   return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, float)}
 
 
-def _setup(config, workdir):
+def _setup(config, workdir, *, training: bool):
   """Checks, then builds what training and evaluation share."""
   from etils import epath
 
@@ -284,6 +285,8 @@ def _setup(config, workdir):
   mesh = sharding.make_mesh()
   check_config(config, jax.device_count(), jax.process_count())
   dataset = data_lib.load_dataset(config.data)
+  if training:
+    data_lib.check_small_classes(dataset.train, config.data)
   tx = build_optimizer(config.optim, config.train.num_steps)
   model, state = init_state(config, tx, mesh, seed=config.seed)
   workdir = epath.Path(workdir)
@@ -304,7 +307,7 @@ def _restore(ckpt, state, step=None):
 
 def evaluate_workdir(config, workdir: str) -> dict:
   """Evaluates the workdir's latest checkpoint; writes ``<workdir>/eval_metrics.json``."""
-  mesh, dataset, _, model, state, workdir, ckpt = _setup(config, workdir)
+  mesh, dataset, _, model, state, workdir, ckpt = _setup(config, workdir, training=False)
   try:
     if ckpt.latest_step() is None:
       raise ConfigError(f"{workdir} has no checkpoint to evaluate; train first "
@@ -325,8 +328,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from msjax import metric_writers
 
   t = config.train
-  mesh, dataset, tx, model, state, workdir, ckpt = _setup(config, workdir)
-  data_lib.check_small_classes(dataset.train, config.data)
+  mesh, dataset, tx, model, state, workdir, ckpt = _setup(config, workdir, training=True)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

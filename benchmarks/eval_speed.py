@@ -37,15 +37,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+import machine  # benchmarks/machine.py, beside this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -242,23 +242,13 @@ def run_worker(impl, args):
 
 def environment():
   import jax
-  info = dict(python=platform.python_version(), cpu_count=os.cpu_count(),
-              jax=jax.__version__,
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  versions = dict(jax=jax.__version__)
   try:
     import faiss
-    info["faiss"] = faiss.__version__
+    versions["faiss"] = faiss.__version__
   except ImportError:
     pass
-  with open("/proc/cpuinfo") as f:
-    info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                       platform.processor())
-  info["git_head"] = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"],
-                                    capture_output=True, text=True).stdout.strip()
-  dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "msjax"],
-                         capture_output=True, text=True).stdout.strip()
-  info["msjax_tree"] = "with uncommitted changes in msjax/" if dirty else "clean"
-  return info
+  return machine.environment(**versions)
 
 
 def markdown(meta, res):

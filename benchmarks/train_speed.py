@@ -60,16 +60,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+import machine  # benchmarks/machine.py, beside this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -329,17 +329,7 @@ def run_worker(name, *, devices=1, mesh_size=0, steps, warmup, batch=0, allow_cp
 
 def environment():
   import jax  # the version only: the parent never starts a backend (a GPU stays free)
-  info = dict(python=platform.python_version(), cpu_count=os.cpu_count(), jax=jax.__version__,
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  with open("/proc/cpuinfo") as f:
-    info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                       platform.processor())
-  info["git_head"] = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"],
-                                    capture_output=True, text=True).stdout.strip()
-  dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "msjax"],
-                         capture_output=True, text=True).stdout.strip()
-  info["msjax_tree"] = "with uncommitted changes in msjax/" if dirty else "clean"
-  return info
+  return machine.environment(jax=jax.__version__)
 
 
 # --- report -----------------------------------------------------------------------------------

@@ -347,6 +347,14 @@ class MetricWriter:
     if self._closed:
       raise RuntimeError("MetricWriter is closed.")
 
+  def _checked_step(self, step) -> int:
+    """``step`` as an int ≥ 0, on an open writer."""
+    self._check_open()
+    step = operator.index(step)
+    if step < 0:
+      raise ValueError(f"step must be >= 0; got {step}.")
+    return step
+
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Logs ``scalars`` at ``step``: one JSONL line and one TensorBoard event.
 
@@ -355,10 +363,7 @@ class MetricWriter:
     """
     if not self.enabled:
       return
-    self._check_open()
-    step = operator.index(step)
-    if step < 0:
-      raise ValueError(f"step must be >= 0; got {step}.")
+    step = self._checked_step(step)
     scalars = _fetch_jax_values(scalars)
     now = time.time()
     record: dict[str, Any] = {"step": step, "time": now}
@@ -394,10 +399,7 @@ class MetricWriter:
     """
     if not self.enabled:
       return
-    self._check_open()
-    step = operator.index(step)
-    if step < 0:
-      raise ValueError(f"step must be >= 0; got {step}.")
+    step = self._checked_step(step)
     record = _tfrecord(_event(time.time(), step, summary=_text_value(tag, text)))
     if not self._started:
       self._held.append(record)

@@ -53,9 +53,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading dimension split over the batch axis."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+def batch_sharded(mesh: Mesh, batch_axis=None) -> NamedSharding:
+  """Leading dimension split over ``batch_axis`` (default: every axis of ``mesh``, which
+  for ``make_mesh``'s mesh is ``"batch"``)."""
+  axis = tuple(mesh.axis_names) if batch_axis is None else batch_axis
+  return NamedSharding(mesh, PartitionSpec(axis))
 
 
 def replicate(tree, mesh: Mesh):

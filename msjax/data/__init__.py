@@ -12,8 +12,7 @@
 
 from __future__ import annotations
 
-from msjax.data.pipeline import (GlobalBatches, batch_sharding, eval_dataset, to_global,
-                                 train_dataset)
+from msjax.data.pipeline import GlobalBatches, eval_dataset, to_global, train_dataset
 from msjax.data.records import (Dataset, DataError, ImageFiles, Split, make_split,
                                 with_validation)
 from msjax.data.sampler import PKSampler
@@ -52,7 +51,7 @@ def eval_batches(split: Split, d, *, process_index=None, process_count=None):
 
 __all__ = [
     "Dataset", "DataError", "GlobalBatches", "ImageFiles", "ImageReadError",
-    "ImageTransform", "PKSampler", "Split", "batch_sharding", "check_small_classes",
+    "ImageTransform", "PKSampler", "Split", "check_small_classes",
     "decode", "eval_batches", "eval_dataset", "image_transform", "load_dataset",
     "make_split", "normalize", "small_classes", "to_global", "train_batches",
     "train_dataset", "with_validation",

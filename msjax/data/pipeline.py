@@ -21,15 +21,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-import grain
 from absl import flags
+import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from msjax.data.records import DataError, Split
 from msjax.data.sampler import AUGMENT_STREAM, PKSampler, stream_rng
 from msjax.data.transforms import ImageReadError, ImageTransform
+from msjax.sharding import batch_sharded
 
 
 def _load(split: Split, transform: ImageTransform, index: int, rng=None) -> np.ndarray:
@@ -169,19 +170,13 @@ def eval_dataset(split: Split, transform: ImageTransform, *, batch_size: int,
                   num_workers, num_threads, prefetch)
 
 
-def batch_sharding(mesh: Mesh, batch_axis=None) -> NamedSharding:
-  """Leading (batch) dimension split over ``batch_axis`` (default: every mesh axis)."""
-  axis = tuple(mesh.axis_names) if batch_axis is None else batch_axis
-  return NamedSharding(mesh, PartitionSpec(axis))
-
-
 def to_global(batch: dict, mesh: Mesh, batch_axis=None) -> dict:
   """This process's slice of a batch → global ``jax.Array``s sharded over the batch axis.
 
   Every process passes its own slice (in process order they form the global batch);
   ``index`` stays on the host.
   """
-  sharding = batch_sharding(mesh, batch_axis)
+  sharding = batch_sharded(mesh, batch_axis)
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items() if k != "index"}
 

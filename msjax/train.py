@@ -340,15 +340,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = int(jax.device_get(state["step"]))
     print(f"Resuming {workdir} at step {start}.")
 
+  # The input resumes from the checkpointed iterator state, or (a checkpoint without
+  # one) from the step: the batches are the same either way.
   batches = data_lib.GlobalBatches(
       data_lib.train_batches(dataset.train, config.data, seed=config.seed,
-                             num_steps=t.num_steps), mesh)
+                             num_steps=t.num_steps,
+                             start_step=start if data_state is None else 0), mesh)
   if data_state is not None:
     batches.set_state(data_state)
-  elif start:
-    batches = data_lib.GlobalBatches(
-        data_lib.train_batches(dataset.train, config.data, seed=config.seed,
-                               num_steps=t.num_steps, start_step=start), mesh)
 
   baselines = {}
   if t.eval_untrained and start == 0:

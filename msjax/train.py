@@ -19,6 +19,7 @@ embedding (``losses.global_batch_loss`` inside ``jax.shard_map``), so no device 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -323,17 +324,28 @@ def evaluate_workdir(config, workdir: str) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the
   final metrics (also written to ``<workdir>/final_metrics.json``)."""
-  from msjax import checkpoint as checkpoint_lib
-  from msjax import data as data_lib
   from msjax import metric_writers
 
-  t = config.train
   mesh, dataset, tx, model, state, workdir, ckpt = _setup(config, workdir, training=True)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   step_fn = make_train_step(model, tx, mesh, config.loss)
-  writer = metric_writers.MetricWriter(workdir)
+  with contextlib.ExitStack() as cleanup:  # closed in reverse, whatever happens
+    cleanup.callback(ckpt.close)
+    writer = cleanup.enter_context(metric_writers.MetricWriter(workdir))
+    return _train_loop(config, workdir, mesh, dataset, model, state, step_fn, ckpt, writer,
+                       cleanup)
+
+
+def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, ckpt, writer,
+                cleanup) -> dict:
+  """Resume, baselines, the steps, the final evaluation; ``cleanup`` closes what it opens."""
+  from msjax import checkpoint as checkpoint_lib
+  from msjax import data as data_lib
+  from msjax import metric_writers
+
+  t = config.train
   start, data_state = 0, None
   if ckpt.latest_step() is not None:
     state, data_state = _restore(ckpt, state)
@@ -346,6 +358,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       data_lib.train_batches(dataset.train, config.data, seed=config.seed,
                              num_steps=t.num_steps,
                              start_step=start if data_state is None else 0), mesh)
+  cleanup.callback(batches.close)
   if data_state is not None:
     batches.set_state(data_state)
 
@@ -358,56 +371,51 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from msjax.data import synthetic
     queries, _ = _eval_splits(dataset, config.eval.split)
     baselines["raw pixels"] = synthetic.raw_pixel_recall(queries, ks=(1,))
-  watcher = checkpoint_lib.PreemptionWatcher()
+  watcher = cleanup.enter_context(checkpoint_lib.PreemptionWatcher())
   batch_size = config.data.classes_per_batch * config.data.images_per_class
   progress = metric_writers.Progress(t.num_steps, batch_size=batch_size)
   last_metrics: dict = {}
   step = start
-  try:
-    for step in range(start + 1, t.num_steps + 1):
-      batch = next(batches)
-      state, metrics = step_fn(state, batch["image"], batch["label"])
-      log_now = step % t.log_every == 0 or step == t.num_steps
-      saving = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-      stopping = watcher.should_stop(step) or (
-          bool(t.stop_at_step) and step == t.stop_at_step < t.num_steps)
-      if log_now or saving or stopping:
-        # Fetching the loss waits for the step, so it is done only here: dispatch runs
-        # ahead of the device in between, and a non-finite state is never saved.
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(values["loss"]):
-          raise FloatingPointError(
-              f"the loss is {values['loss']} at step {step}; stopping without saving this "
-              f"state (the last good checkpoint is step {ckpt.latest_step()}). Lower "
-              "config.optim.lr, or check the data (python -m msjax.data check).")
-      if log_now:
-        progress.update(step, loss=values["loss"])
-        writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
-      if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-        last_metrics = evaluate_model(config, model, state, dataset, mesh,
-                                      title=f"step {step}")
-        writer.write_scalars(step, _scalars(config.eval.split, last_metrics))
-      if (saving or stopping) and step < t.num_steps:
-        ckpt.save(step, flat_tree(state), data_state=batches.get_state(), force=stopping,
-                  metrics=_scalars(config.eval.split, last_metrics))
-      if stopping:
-        print(f"Stopping at step {step} (preemption or config.train.stop_at_step): "
-              "checkpoint saved; the same command resumes.")
-        ckpt.wait()
-        return {"stopped_at": step}
-    final = evaluate_model(config, model, state, dataset, mesh, title=f"final, step {step}",
-                           json_path=workdir / "final_metrics.json", extra={"step": step})
-    if baselines and jax.process_index() == 0:
-      rows = [*baselines.items(), (f"trained ({step} steps)", final)]
-      print("\n".join([f"Recall@1 on the held-out {config.eval.split} classes:"] +
-                       [f"  {name:>24}: {100 * m['recall@1']:.1f}%" for name, m in rows]))
-    writer.write_scalars(step, _scalars(config.eval.split, final))
-    ckpt.save(step, flat_tree(state), data_state=batches.get_state(), force=True,
-              metrics=_scalars(config.eval.split, final))
-    ckpt.wait()
-    return final
-  finally:
-    watcher.close()
-    writer.close()
-    ckpt.close()
-    batches.close()
+  for step in range(start + 1, t.num_steps + 1):
+    batch = next(batches)
+    state, metrics = step_fn(state, batch["image"], batch["label"])
+    log_now = step % t.log_every == 0 or step == t.num_steps
+    saving = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+    # At the last step there is nothing to resume: the run finishes instead. (Every
+    # process evaluates the same condition, as the watcher's step agreement needs.)
+    stopping = step < t.num_steps and (watcher.should_stop(step) or step == t.stop_at_step)
+    if log_now or saving or stopping:
+      # Fetching the loss waits for the step, so it is done only here: dispatch runs
+      # ahead of the device in between, and a non-finite state is never saved.
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"the loss is {values['loss']} at step {step}; stopping without saving this "
+            f"state (the last good checkpoint is step {ckpt.latest_step()}). Lower "
+            "config.optim.lr, or check the data (python -m msjax.data check).")
+    if log_now:
+      progress.update(step, loss=values["loss"])
+      writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+    if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+      last_metrics = evaluate_model(config, model, state, dataset, mesh,
+                                    title=f"step {step}")
+      writer.write_scalars(step, _scalars(config.eval.split, last_metrics))
+    if (saving and step < t.num_steps) or stopping:
+      ckpt.save(step, flat_tree(state), data_state=batches.get_state(), force=stopping,
+                metrics=_scalars(config.eval.split, last_metrics))
+    if stopping:
+      print(f"Stopping at step {step} (preemption or config.train.stop_at_step): "
+            "checkpoint saved; the same command resumes.")
+      ckpt.wait()
+      return {"stopped_at": step}
+  final = evaluate_model(config, model, state, dataset, mesh, title=f"final, step {step}",
+                         json_path=workdir / "final_metrics.json", extra={"step": step})
+  if baselines and jax.process_index() == 0:
+    rows = [*baselines.items(), (f"trained ({step} steps)", final)]
+    print("\n".join([f"Recall@1 on the held-out {config.eval.split} classes:"] +
+                     [f"  {name:>24}: {100 * m['recall@1']:.1f}%" for name, m in rows]))
+  writer.write_scalars(step, _scalars(config.eval.split, final))
+  ckpt.save(step, flat_tree(state), data_state=batches.get_state(), force=True,
+            metrics=_scalars(config.eval.split, final))
+  ckpt.wait()
+  return final

@@ -65,10 +65,9 @@ def replicate(tree, mesh: Mesh):
   sharding = replicated(mesh)
 
   def put(x):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
     if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
-    host = np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+    host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
   return jax.tree.map(put, tree)

@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500    # steps between checkpoints (0: only at the end)
   t.keep_checkpoints = 3      # the latest N, plus the best by config.eval.best_metric
   t.eval_untrained = False    # also evaluate before the first step
+  t.telemetry = True          # GPW pair-weight summaries of the batch at each log step
   t.stop_at_step = 0          # >0: checkpoint and exit after this step (time-limited jobs);
                               # the same command resumes
 

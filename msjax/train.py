@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from msjax import evaluate as evaluate_lib
-from msjax import losses, models, sharding
+from msjax import losses, models, sharding, telemetry
 from msjax.data import records, transforms
 
 # ---------------------------------------------------------------------------- config
@@ -173,10 +173,12 @@ def _merge(graph, state):
 
 
 def make_train_step(model: Model, tx, mesh, loss_cfg):
-  """The jitted step ``(state, images uint8, labels) -> (state, {"loss", "grad_norm"})``.
+  """The jitted step ``(state, images uint8, labels) -> (state, outputs)``.
 
-  The state is donated and stays replicated; images and labels are sharded over the
-  batch axis.
+  ``outputs`` holds the replicated scalars ``loss`` and ``grad_norm``, and the batch's
+  train-mode ``embeddings`` (the ones the loss saw), left sharded over the batch axis for
+  the pair-weight telemetry. The state is donated and stays replicated; images and labels
+  are sharded over the batch axis.
   """
   axis = sharding.BATCH_AXIS
   loss_fn = jax.shard_map(
@@ -192,17 +194,18 @@ def make_train_step(model: Model, tx, mesh, loss_cfg):
       net = _merge(model.train_graph, {**state, "params": params})
       emb = net(x)
       _, _, rest = nnx.split(net, nnx.Param, ...)
-      return loss_fn(emb, labels), nnx.to_pure_dict(rest)
+      return loss_fn(emb, labels), (nnx.to_pure_dict(rest), emb)
 
-    (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    (loss, (rest, emb)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "rest": rest, "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "embeddings": emb}
 
   repl = sharding.replicated(mesh)
-  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+  outputs = {"loss": repl, "grad_norm": repl, "embeddings": sharding.batch_sharded(mesh)}
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, outputs))
 
 
 @functools.lru_cache(maxsize=8)  # one compilation per model and mesh, not per evaluation
@@ -331,15 +334,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   step_fn = make_train_step(model, tx, mesh, config.loss)
+  if config.train.telemetry:
+    telemetry_fn = telemetry.make_telemetry_fn(mesh, config.loss.name,
+                                               loss_kwargs(config.loss))
+  else:
+    telemetry_fn = None
   with contextlib.ExitStack() as cleanup:  # closed in reverse, whatever happens
     cleanup.callback(ckpt.close)
     writer = cleanup.enter_context(metric_writers.MetricWriter(workdir))
-    return _train_loop(config, workdir, mesh, dataset, model, state, step_fn, ckpt, writer,
-                       cleanup)
+    return _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry_fn,
+                       ckpt, writer, cleanup)
 
 
-def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, ckpt, writer,
-                cleanup) -> dict:
+def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry_fn, ckpt,
+                writer, cleanup) -> dict:
   """Resume, baselines, the steps, the final evaluation; ``cleanup`` closes what it opens."""
   from msjax import checkpoint as checkpoint_lib
   from msjax import data as data_lib
@@ -379,6 +387,7 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, ckpt, wri
   for step in range(start + 1, t.num_steps + 1):
     batch = next(batches)
     state, metrics = step_fn(state, batch["image"], batch["label"])
+    embeddings = metrics.pop("embeddings")
     log_now = step % t.log_every == 0 or step == t.num_steps
     saving = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
     # At the last step there is nothing to resume: the run finishes instead. (Every
@@ -395,7 +404,11 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, ckpt, wri
             "config.optim.lr, or check the data (python -m msjax.data check).")
     if log_now:
       progress.update(step, loss=values["loss"])
-      writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+      scalars = {f"train/{k}": v for k, v in values.items()}
+      if telemetry_fn is not None:
+        gpw = jax.device_get(telemetry_fn(embeddings, batch["label"]))
+        scalars.update({f"gpw/{k}": float(v) for k, v in gpw.items()})
+      writer.write_scalars(step, scalars)
     if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
       last_metrics = evaluate_model(config, model, state, dataset, mesh,
                                     title=f"step {step}")

@@ -87,6 +87,7 @@ def _params(workdir, c):
 def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
   straight = _tiny(_config())
   straight.data.num_workers = 1  # the input workers' state is resumed too
+  straight.train.telemetry = False  # telemetry only reads: training is the same without
   train.train_and_evaluate(straight, str(tmp_path / "straight"))
   split = _tiny(_config())
   split.data.num_workers = 1
@@ -101,6 +102,13 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(x, y)
   lines = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
   assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+  from msjax import telemetry
+  for r in lines:
+    if "train/loss" in r:
+      assert {f"gpw/{k}" for k in telemetry.KEYS} <= set(r)
+      assert 0 <= r["gpw/neg_mined_fraction"] <= 1 and r["gpw/pos_weight_max"] > 0
+  straight_lines = open(tmp_path / "straight" / "metrics.jsonl").read()
+  assert "train/loss" in straight_lines and "gpw/" not in straight_lines
 
 
 def test_main_job_on_the_synthetic_default(tmp_path):
@@ -127,7 +135,15 @@ def test_main_job_on_the_synthetic_default(tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["30", "60"]
   logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in logged if "train/loss" in r] == [20, 40, 60]
-  assert os.listdir(workdir / "tensorboard")
+  assert [r["step"] for r in logged if "gpw/neg_sim_q50" in r] == [20, 40, 60]
+  from test_metric_writers import accumulate
+  tags = accumulate(workdir).Tags()
+  scalars = set(tags["scalars"]) | set(tags["tensors"])
+  assert {"train/loss", "gpw/neg_weight_max", "gpw/empty_anchor_fraction"} <= scalars
+  plotted = subprocess.run([sys.executable, "-m", "msjax.plot", f"--workdir={workdir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert plotted.returncode == 0, plotted.stderr[-3000:]
+  assert (workdir / "figures" / "gpw_telemetry.png").stat().st_size > 10_000
   again = subprocess.run(
       [sys.executable, "-m", "msjax.main", "--config", "configs/synthetic.py",
        f"--workdir={workdir}", "--mode=eval", "--config.data.synthetic.num_train_classes=64",

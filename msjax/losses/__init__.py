@@ -15,5 +15,5 @@ from msjax.losses.lifted import lifted_loss, lifted_weights
 from msjax.losses.ms import (MS_ABLATIONS, MS_PRESETS, ms_loss, ms_mining, ms_preset,
                              ms_value_and_symmetric_weights, ms_value_and_weights, ms_weights)
 from msjax.losses.registry import NAMES, PairLoss, get
-from msjax.losses.summary import batch_gpw_summary
+from msjax.losses.summary import PairSelection, batch_gpw_summary, pair_selection
 from msjax.losses.triplet import triplet_loss, triplet_weights

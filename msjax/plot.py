@@ -1,0 +1,227 @@
+"""GPW figures: pair weights against similarity, hyper-parameter sweeps, and telemetry.
+
+    python -m msjax.plot --workdir runs/inshop-20261129-1200 [--out DIR]
+
+renders a run's pair-weight telemetry (``gpw/`` in ``metrics.jsonl``) as PNG files with no
+Jupyter, e.g. on a TPU VM; ``gs://`` workdirs work. The GPW notebook draws with the same
+functions. Needs matplotlib (``pip install 'msjax[plot]'``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from msjax import analysis
+
+POS_COLOR, NEG_COLOR, OFF_COLOR = "#1b7837", "#b2182b", "#9a9a9a"
+LOSS_TITLES = {"ms": "Multi-Similarity", "binomial": "Binomial deviance",
+               "lifted": "Lifted structure", "contrastive": "Contrastive",
+               "triplet": "Triplet"}
+SWEEPS = {"alpha": (0.5, 2.0, 8.0), "beta": (10.0, 40.0, 100.0), "lam": (0.3, 0.5, 0.7),
+          "epsilon": (0.0, 0.1, 0.3)}
+SYMBOLS = {"alpha": "α", "beta": "β", "lam": "λ", "epsilon": "ε"}
+
+
+def _pyplot():
+  try:
+    import matplotlib
+  except ImportError:
+    raise ImportError("msjax.plot needs matplotlib: pip install 'msjax[plot]' (or "
+                      "pip install matplotlib).") from None
+  if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # files only, no display needed
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _scatter_pairs(ax, sim, weight, candidate, selected, color, label):
+  """Selected pairs as filled dots, discarded ones as grey crosses (weight 0 or not)."""
+  kept = candidate & selected
+  dropped = candidate & ~selected
+  ax.scatter(sim[dropped], weight[dropped], s=8, marker="x", color=OFF_COLOR, alpha=0.5,
+             linewidths=0.6, label=f"discarded ({dropped.sum()})", rasterized=True)
+  ax.scatter(sim[kept], weight[kept], s=10, color=color, alpha=0.6, edgecolors="none",
+             label=f"{label} ({kept.sum()})", rasterized=True)
+
+
+def weights_figure(selections: Mapping[str, analysis.PairWeights], *, title: str = ""):
+  """Pair weight against similarity, one column per loss: w⁺ on positive pairs (top),
+  w⁻ on negative pairs (bottom), selected pairs coloured and discarded pairs grey.
+
+  A weight that depends on the pair's own similarity only (S) draws a single curve; one
+  that depends on the anchor's other pairs (P, N) spreads into a band.
+  """
+  plt = _pyplot()
+  names = list(selections)
+  fig, axes = plt.subplots(2, len(names), figsize=(3.3 * len(names), 6.2), squeeze=False,
+                           constrained_layout=True)
+  for col, name in enumerate(names):
+    p = selections[name]
+    pos_frac, neg_frac = p.mined_fractions()
+    top, bottom = axes[0, col], axes[1, col]
+    _scatter_pairs(top, p.sim, p.w_pos, p.pos, p.selected, POS_COLOR, "selected positives")
+    _scatter_pairs(bottom, p.sim, p.w_neg, p.neg, p.selected, NEG_COLOR, "selected negatives")
+    top.set_title(f"{LOSS_TITLES.get(name, name)}\nweights depend on "
+                  f"{analysis.DEPENDS_ON.get(name, '?')}", fontsize=10)
+    top.set_ylabel("w⁺ (positive pairs)" if col == 0 else "")
+    bottom.set_ylabel("w⁻ (negative pairs)" if col == 0 else "")
+    bottom.set_xlabel("similarity S_ij")
+    top.text(0.02, 0.97, f"{100 * pos_frac:.0f}% of positives selected", fontsize=8,
+             transform=top.transAxes, va="top")
+    bottom.text(0.02, 0.97, f"{100 * neg_frac:.1f}% of negatives selected", fontsize=8,
+                transform=bottom.transAxes, va="top")
+    for ax in (top, bottom):
+      ax.grid(alpha=0.3)
+      ax.legend(loc="best", fontsize=7, frameon=False)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def sweep_figure(emb_or_sim, labels, *, is_sim: bool = False, sweeps=None, base=None):
+  """MS weights and mined sets as one hyper-parameter at a time moves (columns); the
+  others stay at ``base`` (the released α=2, β=40, λ=0.5, ε=0.1 by default)."""
+  plt = _pyplot()
+  sweeps = dict(sweeps or SWEEPS)
+  base = {**analysis.DEFAULT_HPARAMS["ms"], **(base or {})}
+  fig, axes = plt.subplots(2, len(sweeps), figsize=(3.4 * len(sweeps), 6.2), squeeze=False,
+                           constrained_layout=True)
+  cmap = plt.get_cmap("viridis")
+  for col, (name, values) in enumerate(sweeps.items()):
+    top, bottom = axes[0, col], axes[1, col]
+    for i, value in reversed(list(enumerate(values))):  # the widest mined set underneath
+      p = analysis.pair_weights(emb_or_sim, labels, "ms", is_sim=is_sim,
+                                **{**base, name: value})
+      pos_frac, neg_frac = p.mined_fractions()
+      color = cmap(i / max(len(values) - 1, 1) * 0.85)
+      label = f"{SYMBOLS.get(name, name)}={value:g}"
+      pos, neg = p.pos & (p.w_pos > 0), p.neg & (p.w_neg > 0)
+      top.scatter(p.sim[pos], p.w_pos[pos], s=8, color=color, alpha=0.6, edgecolors="none",
+                  label=f"{label}: {100 * pos_frac:.0f}% mined", rasterized=True)
+      bottom.scatter(p.sim[neg], p.w_neg[neg], s=8, color=color, alpha=0.6,
+                     edgecolors="none", label=f"{label}: {100 * neg_frac:.1f}% mined",
+                     rasterized=True)
+    bottom.set_yscale("log")  # w⁻ spans orders of magnitude
+    top.set_title(f"sweeping {SYMBOLS.get(name, name)} "
+                  f"(others at {_others(base, name)})", fontsize=9)
+    top.set_ylabel("w⁺ (weighted positive pairs)" if col == 0 else "")
+    bottom.set_ylabel("w⁻ (weighted negative pairs)" if col == 0 else "")
+    bottom.set_xlabel("similarity S_ij")
+    for ax in (top, bottom):
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7, frameon=False, loc="best")
+  fig.suptitle("Multi-Similarity weights as α, β, λ and ε move")
+  return fig
+
+
+def _others(base, name):
+  return ", ".join(f"{SYMBOLS.get(k, k)}={v:g}" for k, v in base.items()
+                   if k != name and k in SYMBOLS)
+
+
+def _series(records: Sequence[Mapping], key: str):
+  return np.array([float(r.get(key, np.nan)) for r in records])
+
+
+def _band(ax, steps, records, kind, color, label):
+  q = {p: _series(records, f"{kind}_q{p}") for p in ("05", "25", "50", "75", "95")}
+  ax.fill_between(steps, q["05"], q["95"], color=color, alpha=0.15, linewidth=0)
+  ax.fill_between(steps, q["25"], q["75"], color=color, alpha=0.3, linewidth=0)
+  ax.plot(steps, q["50"], color=color, label=f"{label}: median, 25–75%, 5–95%")
+
+
+def telemetry_figure(records: Sequence[Mapping], *, title: str = ""):
+  """How the batch's pair weights, mined sets and similarities evolve over training,
+  from ``analysis.telemetry_records``."""
+  plt = _pyplot()
+  steps = _series(records, "step")
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+  (w_ax, frac_ax), (sim_ax, loss_ax) = axes
+
+  _band(w_ax, steps, records, "pos_weight", POS_COLOR, "w⁺")
+  _band(w_ax, steps, records, "neg_weight", NEG_COLOR, "w⁻")
+  w_ax.plot(steps, _series(records, "pos_weight_max"), ":", color=POS_COLOR, label="max w⁺")
+  w_ax.plot(steps, _series(records, "neg_weight_max"), ":", color=NEG_COLOR, label="max w⁻")
+  w_ax.plot(steps, _series(records, "pos_weight_mean"), "--", color=POS_COLOR, lw=1,
+            label="mean w⁺")
+  w_ax.plot(steps, _series(records, "neg_weight_mean"), "--", color=NEG_COLOR, lw=1,
+            label="mean w⁻")
+  w_ax.set_yscale("log")
+  w_ax.set_title("Pair weights of the weighted pairs")
+  w_ax.set_ylabel("weight (per anchor)")
+
+  frac_ax.plot(steps, _series(records, "pos_mined_fraction"), color=POS_COLOR,
+               label="positive pairs mined")
+  frac_ax.plot(steps, _series(records, "neg_mined_fraction"), color=NEG_COLOR,
+               label="negative pairs mined")
+  frac_ax.plot(steps, _series(records, "empty_anchor_fraction"), color="black", ls="--",
+               label="anchors with an empty mined set")
+  frac_ax.set_ylim(-0.02, 1.02)
+  frac_ax.set_title("Mining")
+  frac_ax.set_ylabel("fraction")
+
+  _band(sim_ax, steps, records, "pos_sim", POS_COLOR, "positive pairs")
+  _band(sim_ax, steps, records, "neg_sim", NEG_COLOR, "negative pairs")
+  sim_ax.set_title("Similarities of candidate pairs")
+  sim_ax.set_ylabel("S_ij")
+
+  loss_ax.plot(steps, _series(records, "loss"), color="#2166ac")
+  loss_ax.set_title("Training loss")
+  loss_ax.set_ylabel("loss")
+
+  for ax in axes.ravel():
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax is not loss_ax:
+      ax.legend(fontsize=7, frameon=False, loc="best")
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def save(fig, path) -> str:
+  """Writes ``fig`` as PNG to a local or ``gs://`` path; returns the path."""
+  import io
+
+  from etils import epath
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  _pyplot().close(fig)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
+  return str(path)
+
+
+def render_workdir(workdir, out=None) -> list[str]:
+  """Renders a run's telemetry to ``<out>/gpw_telemetry.png`` (default
+  ``<workdir>/figures``); returns the files written."""
+  from etils import epath
+  records = analysis.telemetry_records(workdir)
+  out = epath.Path(out) if out else epath.Path(workdir) / "figures"
+  title = f"{workdir}: steps {int(records[0]['step'])}–{int(records[-1]['step'])}"
+  return [save(telemetry_figure(records, title=title), out / "gpw_telemetry.png")]
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m msjax.plot",
+      description="Render a training run's GPW telemetry (metrics.jsonl) as PNG files.")
+  parser.add_argument("--workdir", required=True, help="the run's workdir (local or gs://)")
+  parser.add_argument("--out", default=None, help="where to write (default: WORKDIR/figures)")
+  args = parser.parse_args(argv)
+  try:
+    paths = render_workdir(args.workdir, args.out)
+  except (FileNotFoundError, ValueError, ImportError) as e:
+    print(f"msjax.plot: {e}", file=sys.stderr)
+    return 1
+  print("\n".join(paths))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

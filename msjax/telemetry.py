@@ -1,0 +1,182 @@
+"""Pair-weight telemetry: what General Pair Weighting says the loss did with a batch.
+
+At every logging step the training loop hands the step's embeddings (train mode, the very
+ones the loss saw) and labels to the function ``make_telemetry_fn`` builds, and writes what
+it returns, under ``gpw/``, to TensorBoard and ``metrics.jsonl``:
+
+- ``pos_weight_mean`` / ``neg_weight_mean``, ``pos_weight_max`` / ``neg_weight_max``: the
+  paper's per-anchor pair weights ``w⁺`` and ``w⁻`` (``∂L/∂S`` times the batch size, so
+  they do not shrink with it) over the pairs the loss selected;
+- ``pos_mined_fraction`` / ``neg_mined_fraction``: selected over candidate pairs (MS
+  mining for ``ms``; a non-zero weight for the other losses);
+- ``empty_anchor_fraction``: anchors whose selected positives or negatives are empty,
+  which contribute nothing to the loss;
+- ``{pos,neg}_sim_q{05,25,50,75,95}``: quantiles of the candidate pairs' similarities;
+- ``{pos,neg}_weight_q{05,...,95}``: quantiles of the non-zero weights.
+
+The computation is sharded like the loss: each device takes its anchors' ``[B/n, B]``
+rows against the gathered embeddings, so no device holds the ``[B, B]`` matrix. Sums and
+maxima are reduced over devices; quantiles come from histograms summed over devices, which
+places each one within one bin of the exact order statistic (``SIM_BIN`` in similarity,
+a factor ``WEIGHT_BIN_RATIO`` in weight).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from msjax import losses, sharding
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+SIM_RANGE = (-1.0, 1.0)
+SIM_BINS = 4096
+LOG10_WEIGHT_RANGE = (-38.0, 4.0)  # float32's normal range; smaller weights count at 1e-38
+WEIGHT_BINS = 8192
+SIM_BIN = (SIM_RANGE[1] - SIM_RANGE[0]) / SIM_BINS
+WEIGHT_BIN_RATIO = 10.0 ** ((LOG10_WEIGHT_RANGE[1] - LOG10_WEIGHT_RANGE[0]) / WEIGHT_BINS)
+
+_SUMS = ("anchors", "empty_anchors", "pos_pairs", "neg_pairs", "pos_selected",
+         "neg_selected", "pos_weight_sum", "neg_weight_sum")
+_MAXES = ("pos_weight_max", "neg_weight_max")
+_HISTOGRAMS = ("pos_sim", "neg_sim", "pos_weight", "neg_weight")
+
+
+def quantile_key(kind: str, q: float) -> str:
+  """``("pos_sim", 0.05) -> "pos_sim_q05"``."""
+  return f"{kind}_q{round(100 * q):02d}"
+
+
+KEYS = ("pos_weight_mean", "pos_weight_max", "neg_weight_mean", "neg_weight_max",
+        "pos_mined_fraction", "neg_mined_fraction", "empty_anchor_fraction",
+        *(quantile_key(k, q) for k in _HISTOGRAMS for q in QUANTILES))
+
+
+def _histogram(x, mask, lo: float, hi: float, bins: int):
+  """Counts of ``x[mask]`` in ``bins`` equal bins over [lo, hi]; values outside count in
+  the end bins."""
+  index = jnp.floor((x - lo) * (bins / (hi - lo)))
+  index = jnp.clip(index, 0, bins - 1).astype(jnp.int32)
+  return jnp.zeros((bins,), jnp.int32).at[index.ravel()].add(mask.ravel().astype(jnp.int32))
+
+
+def histogram_quantiles(hist, lo: float, hi: float, qs=QUANTILES):
+  """Quantiles of the values binned in ``hist`` (equal bins over [lo, hi]).
+
+  The ``q`` quantile is taken as the value of rank ``ceil(q·N)`` (NumPy's
+  ``method="inverted_cdf"``); the result lies in that value's bin, interpolated linearly
+  inside it, so it is within one bin width of the exact one. NaN when ``hist`` is empty.
+  """
+  hist = hist.astype(jnp.float32)
+  cdf = jnp.cumsum(hist)
+  total = cdf[-1]
+  width = (hi - lo) / hist.shape[0]
+  out = []
+  for q in qs:
+    target = jnp.maximum(q * total, 0.5)  # rank ceil(q·N) ≥ 1
+    b = jnp.clip(jnp.searchsorted(cdf, target, side="left"), 0, hist.shape[0] - 1)
+    below = cdf[b] - hist[b]
+    inside = jnp.clip((target - below) / jnp.maximum(hist[b], 1.0), 0.0, 1.0)
+    out.append(jnp.where(total > 0, lo + (b + inside) * width, jnp.nan))
+  return out
+
+
+def partial_stats(sim, labels, *, ref_labels=None, anchor_index=None, loss="ms", **hparams):
+  """Additive (sums, histograms) and max statistics of one block of anchor rows.
+
+  Blocks of disjoint anchors combine by adding the sums and histograms and taking the
+  maximum of the maxima; ``finalize`` turns the result into ``KEYS``.
+  """
+  s = losses.pair_selection(sim, labels, loss=loss, ref_labels=ref_labels,
+                            anchor_index=anchor_index, batch_size=1, **hparams)
+  sim = jnp.asarray(sim, jnp.promote_types(jnp.asarray(sim).dtype, jnp.float32))
+  w_pos = jnp.where(s.pos, -s.weights, 0.0)
+  w_neg = jnp.where(s.neg, s.weights, 0.0)
+  pos_sel, neg_sel = s.pos & s.selected, s.neg & s.selected
+  empty = ~(jnp.any(pos_sel, axis=-1) & jnp.any(neg_sel, axis=-1))
+
+  def count(mask):
+    return jnp.sum(mask, dtype=jnp.int32)
+
+  def log10(w):
+    return jnp.log10(jnp.where(w > 0, w, 1.0))
+
+  return {
+      "anchors": jnp.asarray(sim.shape[0], jnp.int32),
+      "empty_anchors": count(empty),
+      "pos_pairs": count(s.pos), "neg_pairs": count(s.neg),
+      "pos_selected": count(pos_sel), "neg_selected": count(neg_sel),
+      "pos_weight_sum": jnp.sum(jnp.where(pos_sel, w_pos, 0.0)),
+      "neg_weight_sum": jnp.sum(jnp.where(neg_sel, w_neg, 0.0)),
+      "pos_weight_max": jnp.max(jnp.where(pos_sel, w_pos, 0.0)),
+      "neg_weight_max": jnp.max(jnp.where(neg_sel, w_neg, 0.0)),
+      "pos_sim": _histogram(sim, s.pos, *SIM_RANGE, SIM_BINS),
+      "neg_sim": _histogram(sim, s.neg, *SIM_RANGE, SIM_BINS),
+      "pos_weight": _histogram(log10(w_pos), s.pos & (w_pos > 0), *LOG10_WEIGHT_RANGE,
+                               WEIGHT_BINS),
+      "neg_weight": _histogram(log10(w_neg), s.neg & (w_neg > 0), *LOG10_WEIGHT_RANGE,
+                               WEIGHT_BINS),
+  }
+
+
+def finalize(stats: dict) -> dict:
+  """``partial_stats`` of the whole batch → the scalars named in ``KEYS``, in the
+  weights' dtype (float32, or float64 for float64 similarities)."""
+  dtype = jnp.promote_types(jnp.result_type(stats["pos_weight_sum"]), jnp.float32)
+  f = {k: jnp.asarray(v, dtype) for k, v in stats.items() if k not in _HISTOGRAMS}
+
+  def ratio(num, den):
+    return jnp.where(den > 0, num / jnp.maximum(den, 1.0), jnp.nan)
+
+  out = {
+      "pos_weight_mean": ratio(f["pos_weight_sum"], f["pos_selected"]),
+      "pos_weight_max": f["pos_weight_max"],
+      "neg_weight_mean": ratio(f["neg_weight_sum"], f["neg_selected"]),
+      "neg_weight_max": f["neg_weight_max"],
+      "pos_mined_fraction": ratio(f["pos_selected"], f["pos_pairs"]),
+      "neg_mined_fraction": ratio(f["neg_selected"], f["neg_pairs"]),
+      "empty_anchor_fraction": ratio(f["empty_anchors"], f["anchors"]),
+  }
+  for kind in ("pos_sim", "neg_sim"):
+    for q, v in zip(QUANTILES, histogram_quantiles(stats[kind], *SIM_RANGE)):
+      out[quantile_key(kind, q)] = v
+  for kind in ("pos_weight", "neg_weight"):
+    for q, v in zip(QUANTILES, histogram_quantiles(stats[kind], *LOG10_WEIGHT_RANGE)):
+      # Interpolating inside the top bin may overshoot the largest weight, known exactly.
+      out[quantile_key(kind, q)] = jnp.minimum(10.0 ** v, f[f"{kind}_max"])
+  return out
+
+
+def batch_telemetry(sim, labels, *, loss="ms", **hparams) -> dict:
+  """``KEYS`` of one square batch on one device (the notebook's and the tests' entry)."""
+  return finalize(partial_stats(sim, labels, loss=loss, **hparams))
+
+
+def make_telemetry_fn(mesh, loss: str, hparams: dict):
+  """Jitted ``(embeddings [B, D], labels [B]) -> {KEYS: scalar}``, both batch-sharded.
+
+  ``loss`` and ``hparams`` are the training loss's name and keywords
+  (``train.loss_kwargs(config.loss)``), so the weights are the ones training used.
+  """
+  axis = sharding.BATCH_AXIS
+
+  def local(emb, labels):
+    emb = emb.astype(jnp.float32)
+    local_count = emb.shape[0]
+    all_emb = jax.lax.all_gather(emb, axis, tiled=True)
+    all_labels = jax.lax.all_gather(labels, axis, tiled=True)
+    anchor_index = (jax.lax.axis_index(axis) * local_count
+                    + jnp.arange(local_count, dtype=jnp.int32))
+    sim = jnp.matmul(emb, all_emb.T, precision=jax.lax.Precision.HIGHEST)
+    stats = partial_stats(sim, labels, ref_labels=all_labels, anchor_index=anchor_index,
+                          loss=loss, **hparams)
+    stats = {k: (jax.lax.pmax if k in _MAXES else jax.lax.psum)(v, axis)
+             for k, v in stats.items()}
+    return finalize(stats)
+
+  fn = jax.shard_map(local, mesh=mesh,
+                     in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
+                     out_specs=PartitionSpec())
+  return jax.jit(fn)
+

@@ -4,8 +4,10 @@
   --mode eval    evaluate the workdir's latest checkpoint
 
 Any config field can be set on the command line: ``--config.data.root=/data/CUB_200_2011``.
-On a multi-host slice the same command runs on every host; Cloud TPU VMs are detected,
-elsewhere pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+On a multi-host slice the same command runs on every host; Cloud TPU VMs (and SLURM,
+Open MPI) are detected, elsewhere pass ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (or set ``MSJAX_COORDINATOR_ADDRESS``, ``MSJAX_NUM_PROCESSES`` and
+``MSJAX_PROCESS_ID``). ``launch/`` starts it on TPU VMs and GPU hosts.
 """
 
 from __future__ import annotations
@@ -39,9 +41,15 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config configs/synthetic.py")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  import jax
+
   from msjax import sharding, train
   from msjax.data.records import DataError
   sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if jax.process_count() > 1 and not _WORKDIR.value:
+    # Each host would pick its own timestamped default.
+    raise app.UsageError(f"{jax.process_count()} processes need one --workdir they all "
+                         "reach: a gs:// path on a multi-host slice.")
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
   try:
     if _MODE.value == "train":

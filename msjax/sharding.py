@@ -28,15 +28,30 @@ def _several_processes_hinted() -> bool:
   return any(int(os.environ.get(k, "1") or 1) > 1 for k in _MULTI_PROCESS_HINTS[1:])
 
 
+# What a launcher sets when the platform cannot say (GPU hosts, or a TPU slice's processes
+# simulated on one machine by ``launch/tpu.py train --local-processes N``).
+COORDINATOR_ENV = ("MSJAX_COORDINATOR_ADDRESS", "MSJAX_NUM_PROCESSES", "MSJAX_PROCESS_ID")
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
   """Joins the processes of a multi-host run; a no-op for a single process.
 
-  With an explicit coordinator (two local processes in tests, or a GPU cluster) it uses
-  those; on a Cloud TPU VM slice (several ``TPU_WORKER_HOSTNAMES``), SLURM or Open MPI,
+  The coordinator comes from the arguments (``--coordinator_address`` etc.), else from
+  ``MSJAX_COORDINATOR_ADDRESS``, ``MSJAX_NUM_PROCESSES`` and ``MSJAX_PROCESS_ID``. Without
+  either, on a Cloud TPU VM slice (several ``TPU_WORKER_HOSTNAMES``), SLURM or Open MPI,
   ``jax.distributed.initialize()`` finds its peers itself, so ``python -m msjax.main``
   needs no extra flags there.
   """
+  if not coordinator_address and os.environ.get(COORDINATOR_ENV[0]):
+    address, count, index = (os.environ.get(k, "") for k in COORDINATOR_ENV)
+    if not (count.isdigit() and index.isdigit()):
+      raise ValueError(f"{COORDINATOR_ENV[0]}={address} needs {COORDINATOR_ENV[1]} and "
+                       f"{COORDINATOR_ENV[2]} as integers, got {count!r} and {index!r}.")
+    coordinator_address, num_processes, process_id = address, int(count), int(index)
+  if coordinator_address or _several_processes_hinted():
+    # CPU processes exchange collectives through gloo; the setting is inert elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif _several_processes_hinted():

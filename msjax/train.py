@@ -280,6 +280,10 @@ def _scalars(prefix: str, metrics: dict) -> dict:
   return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, float)}
 
 
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+  return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
 def _setup(config, workdir, *, training: bool):
   """Checks, then builds what training and evaluation share."""
   from etils import epath
@@ -333,6 +337,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    n, batch = jax.device_count(), config.data.classes_per_batch * config.data.images_per_class
+    print(f"{_count(jax.process_count(), 'process', 'processes')}, "
+          f"{_count(n, jax.devices()[0].platform + ' device')}; global batch {batch} "
+          f"({batch // n} per device); workdir {workdir}")
   step_fn = make_train_step(model, tx, mesh, config.loss)
   if config.train.telemetry:
     telemetry_fn = telemetry.make_telemetry_fn(mesh, config.loss.name,

@@ -33,13 +33,24 @@ def _several_processes_hinted() -> bool:
 COORDINATOR_ENV = ("MSJAX_COORDINATOR_ADDRESS", "MSJAX_NUM_PROCESSES", "MSJAX_PROCESS_ID")
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """Whether this host has Google TPU chips on its PCI bus (a Cloud TPU VM), asked the
+  way JAX itself asks, without the network. On a TPU VM, ``jax.distributed.initialize()``
+  learns the slice's hosts from the VM's metadata."""
+  try:
+    from jax._src import hardware_utils
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except Exception:  # noqa: BLE001 - a JAX without this helper: rely on the hints
+    return False
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
   """Joins the processes of a multi-host run; a no-op for a single process.
 
   The coordinator comes from the arguments (``--coordinator_address`` etc.), else from
   ``MSJAX_COORDINATOR_ADDRESS``, ``MSJAX_NUM_PROCESSES`` and ``MSJAX_PROCESS_ID``. Without
-  either, on a Cloud TPU VM slice (several ``TPU_WORKER_HOSTNAMES``), SLURM or Open MPI,
+  either, on a Cloud TPU VM (one host or a slice of many), under SLURM or Open MPI,
   ``jax.distributed.initialize()`` finds its peers itself, so ``python -m msjax.main``
   needs no extra flags there.
   """
@@ -54,7 +65,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif _several_processes_hinted():
+  elif _several_processes_hinted() or _on_cloud_tpu_vm():
     jax.distributed.initialize()
 
 

@@ -243,6 +243,45 @@ def test_gpu_setup_logs_stop(no_tools):
   assert out.returncode == 2 and "give GPU indices" in out.stderr
 
 
+# ---------------------------------------------------------------------------- start-up
+
+
+@pytest.fixture
+def recorded_initialize(monkeypatch):
+  import jax
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+  monkeypatch.setattr(jax.config, "update", lambda *a: None)
+  for key in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+              "MSJAX_COORDINATOR_ADDRESS", "MSJAX_NUM_PROCESSES", "MSJAX_PROCESS_ID"):
+    monkeypatch.delenv(key, raising=False)
+  return calls
+
+
+def test_a_tpu_vm_joins_its_slice_without_flags(recorded_initialize, monkeypatch):
+  from jax._src import hardware_utils
+
+  from msjax import sharding
+  sharding.initialize()
+  assert recorded_initialize == []  # this machine: no TPU, one process
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id",
+                      lambda: (4, hardware_utils.TpuVersion.v4))
+  sharding.initialize()
+  assert recorded_initialize == [()]  # jax.distributed reads the slice from the metadata
+
+
+def test_the_launcher_environment_names_the_coordinator(recorded_initialize, monkeypatch):
+  from msjax import sharding
+  monkeypatch.setenv("MSJAX_COORDINATOR_ADDRESS", "10.0.0.2:1234")
+  monkeypatch.setenv("MSJAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("MSJAX_PROCESS_ID", "3")
+  sharding.initialize()
+  assert recorded_initialize == [("10.0.0.2:1234", 4, 3)]
+  monkeypatch.setenv("MSJAX_PROCESS_ID", "")
+  with pytest.raises(ValueError, match="needs MSJAX_NUM_PROCESSES and MSJAX_PROCESS_ID"):
+    sharding.initialize()
+
+
 # ---------------------------------------------------------------------------- a real run
 
 

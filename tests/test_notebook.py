@@ -19,7 +19,7 @@ def test_notebook_runs_headless_on_a_fresh_machine(tmp_path):
   failing cell (the autodiff check raises on a mismatch) fails the test."""
   nb = nbformat.read(NOTEBOOK, as_version=4)
   overrides = nbformat.v4.new_code_cell(
-      f"FALLBACK_WORKDIR = {str(tmp_path / 'run')!r}\nFALLBACK_STEPS = 30\n"
+      f"FALLBACK_WORKDIR = {str(tmp_path / 'run')!r}\nFALLBACK_STEPS = 20\n"
       f"FIGURE_DIR = {str(tmp_path / 'figures')!r}")
   nb.cells.insert(_parameters_index(nb) + 1, overrides)
   nbclient.NotebookClient(nb, timeout=170, kernel_name="python3",
@@ -31,7 +31,7 @@ def test_notebook_runs_headless_on_a_fresh_machine(tmp_path):
                  for o in c.outputs)
   for loss in ("ms", "binomial", "lifted", "contrastive", "triplet"):
     assert f"\n{loss} " in text or text.startswith(f"{loss} ")
-  assert "6 logged steps, 5–30" in text  # telemetry every 5 steps of the brief run
+  assert "4 logged steps, 5–20" in text  # telemetry every 5 steps of the brief run
 
 
 def test_committed_notebook_is_readable_without_running():

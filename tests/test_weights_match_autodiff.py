@@ -1,5 +1,7 @@
 """jax.grad of every loss equals its analytic GPW weights, on random and nasty batches."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,9 +26,23 @@ VARIANTS += [("ms", dict(alpha=3.0, beta=100.0, lam=0.7, epsilon=0.0)),
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for n, kw in VARIANTS]
 
 
-def grad_and_weights(name, sim, labels, **kw):
+@functools.cache
+def _jitted_grad_and_weights(name, static_kw):
+  """One compiled (grad, weights) per loss variant and shape: hypothesis's examples then
+  run in milliseconds. Hyper-parameters stay Python values, as in training."""
   loss, weights = L.get(name)
-  return jax.grad(lambda s: loss(s, labels, **kw))(sim), weights(sim, labels, **kw)
+  kw = dict(static_kw)
+
+  def both(sim, labels, arrays):
+    return (jax.grad(lambda s: loss(s, labels, **kw, **arrays))(sim),
+            weights(sim, labels, **kw, **arrays))
+
+  return jax.jit(both)
+
+
+def grad_and_weights(name, sim, labels, **kw):
+  arrays = {k: kw.pop(k) for k in ("ref_labels", "anchor_index") if k in kw}
+  return _jitted_grad_and_weights(name, tuple(sorted(kw.items())))(sim, labels, arrays)
 
 
 @pytest.mark.parametrize("name,kw", VARIANTS, ids=IDS)
@@ -79,6 +95,19 @@ def test_every_pair_mined_out_gives_zero_loss_and_weights():
 MS_VARIANTS = [(a, p) for a in L.MS_ABLATIONS for p in ("released", "paper")]
 
 
+@functools.cache
+def _jitted_fused(static_kw):
+  kw = dict(static_kw)
+
+  @jax.jit
+  def forms(sim, labels):
+    value, grad = jax.value_and_grad(lambda s: L.ms_loss(s, labels, **kw))(sim)
+    return (value, grad, L.ms_value_and_weights(sim, labels, **kw),
+            L.ms_value_and_symmetric_weights(sim, labels, **kw))
+
+  return forms
+
+
 @pytest.mark.parametrize("ablation,preset", MS_VARIANTS)
 @given(batch=batches(), self_pair=st.sampled_from(["value", "index"]))
 def test_fused_ms_value_and_symmetric_weights(ablation, preset, batch, self_pair):
@@ -86,10 +115,8 @@ def test_fused_ms_value_and_symmetric_weights(ablation, preset, batch, self_pair
   _, emb, labels = batch
   sim = jnp.asarray(emb @ emb.T)
   kw = dict(**L.MS_ABLATIONS[ablation], **L.ms_preset(preset), self_pair=self_pair)
-  value = L.ms_loss(sim, labels, **kw)
-  grad = jax.grad(lambda s: L.ms_loss(s, labels, **kw))(sim)
-  fused_value, weights = L.ms_value_and_weights(sim, labels, **kw)
-  sym_value, sym_weights = L.ms_value_and_symmetric_weights(sim, labels, **kw)
+  value, grad, (fused_value, weights), (sym_value, sym_weights) = _jitted_fused(
+      tuple(sorted(kw.items())))(sim, labels)
   chex.assert_trees_all_close((fused_value, weights), (value, grad), atol=1e-13, rtol=1e-11)
   chex.assert_trees_all_close((sym_value, sym_weights), (value, grad + grad.T), atol=1e-13,
                               rtol=1e-11)

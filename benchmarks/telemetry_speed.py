@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -38,11 +37,8 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(
-      f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from msjax import analysis
+  return analysis.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def timed(fn, *args, warmup, calls):
@@ -92,7 +88,6 @@ def synthetic(calls):
 
 def loss_vs_telemetry(batch, dim, calls):
   import jax
-  import jax.numpy as jnp
   from jax.sharding import PartitionSpec
 
   from msjax import losses, sharding, telemetry, train

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from msjax import losses, sharding
+from msjax.losses import gpw
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SIM_RANGE = (-1.0, 1.0)
@@ -91,10 +92,8 @@ def partial_stats(sim, labels, *, ref_labels=None, anchor_index=None, loss="ms",
   s = losses.pair_selection(sim, labels, loss=loss, ref_labels=ref_labels,
                             anchor_index=anchor_index, batch_size=1, **hparams)
   sim = jnp.asarray(sim, jnp.promote_types(jnp.asarray(sim).dtype, jnp.float32))
-  w_pos = jnp.where(s.pos, -s.weights, 0.0)
-  w_neg = jnp.where(s.neg, s.weights, 0.0)
-  pos_sel, neg_sel = s.pos & s.selected, s.neg & s.selected
-  empty = ~(jnp.any(pos_sel, axis=-1) & jnp.any(neg_sel, axis=-1))
+  w_pos, w_neg, pos_sel, neg_sel, empty = gpw.select_weights(s.weights, s.pos, s.neg,
+                                                             s.selected)
 
   def count(mask):
     return jnp.sum(mask, dtype=jnp.int32)

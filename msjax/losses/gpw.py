@@ -184,6 +184,28 @@ def row_count(mask):
   return jnp.sum(mask, axis=-1)
 
 
+class SelectedWeights(NamedTuple):
+  """A batch's weights split by side, and which pairs and anchors the selection keeps."""
+
+  w_pos: jax.Array  # [Bq, Br] w⁺ ≥ 0 on candidate positives, 0 elsewhere
+  w_neg: jax.Array  # [Bq, Br] w⁻ ≥ 0 on candidate negatives, 0 elsewhere
+  pos_sel: jax.Array  # [Bq, Br] selected positives
+  neg_sel: jax.Array  # [Bq, Br] selected negatives
+  empty: jax.Array  # [Bq] anchors whose selected positives or negatives are empty
+
+
+def select_weights(weights, pos_mask, neg_mask, selected=None) -> SelectedWeights:
+  """Splits ``∂L/∂S`` into ``w⁺``/``w⁻`` and the selection (default: non-zero weights)."""
+  weights = jnp.asarray(weights)
+  if selected is None:
+    selected = weights != 0
+  pos_sel = pos_mask & selected
+  neg_sel = neg_mask & selected
+  empty = ~(jnp.any(pos_sel, axis=-1) & jnp.any(neg_sel, axis=-1))
+  return SelectedWeights(jnp.where(pos_mask, -weights, 0.0), jnp.where(neg_mask, weights, 0.0),
+                         pos_sel, neg_sel, empty)
+
+
 def gpw_summary(weights, pos_mask, neg_mask, selected=None) -> dict:
   """Pair-weight summaries of one batch for telemetry and GPW plots.
 
@@ -200,18 +222,12 @@ def gpw_summary(weights, pos_mask, neg_mask, selected=None) -> dict:
     ``pos_weight_mean`` / ``pos_weight_max`` / ``neg_weight_mean`` / ``neg_weight_max``
     (over selected pairs), as float32 or wider.
   """
-  weights = jnp.asarray(weights)
-  if selected is None:
-    selected = weights != 0
-  pos_sel = pos_mask & selected
-  neg_sel = neg_mask & selected
-  w_pos = jnp.where(pos_mask, -weights, 0.0)
-  w_neg = jnp.where(neg_mask, weights, 0.0)
+  w_pos, w_neg, pos_sel, neg_sel, empty = select_weights(weights, pos_mask, neg_mask,
+                                                         selected)
 
   def ratio(num, den):
     return jnp.sum(num) / jnp.maximum(jnp.sum(den), 1)
 
-  empty = ~(jnp.any(pos_sel, axis=-1) & jnp.any(neg_sel, axis=-1))
   return {
       "pos_weight": w_pos,
       "neg_weight": w_neg,
@@ -219,7 +235,7 @@ def gpw_summary(weights, pos_mask, neg_mask, selected=None) -> dict:
       "neg_weight_per_anchor": jnp.sum(w_neg, axis=-1),
       "pos_mined_fraction": ratio(pos_sel, pos_mask),
       "neg_mined_fraction": ratio(neg_sel, neg_mask),
-      "empty_anchor_fraction": jnp.mean(empty.astype(weights.dtype)),
+      "empty_anchor_fraction": jnp.mean(empty.astype(w_pos.dtype)),
       "pos_weight_mean": ratio(jnp.where(pos_sel, w_pos, 0.0), pos_sel),
       "neg_weight_mean": ratio(jnp.where(neg_sel, w_neg, 0.0), neg_sel),
       "pos_weight_max": jnp.max(jnp.where(pos_sel, w_pos, 0.0)),

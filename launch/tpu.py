@@ -58,17 +58,10 @@ def _ssh(a, command: str, worker: str = "all") -> list[str]:
 
 
 def hosts_of(accelerator_type: str) -> int | None:
-  """Hosts (TPU VM workers) of an accelerator type, where the naming says it: v4/v5p count
-  TensorCores (2 a chip, 4 chips a host), v5e/v6e count chips (up to 8 a host)."""
-  m = re.fullmatch(r"(v\d+[a-z]*|v5litepod)-(\d+)", accelerator_type)
-  if not m:
-    return None
-  family, n = m.group(1), int(m.group(2))
-  if family in ("v4", "v5p", "v3", "v2"):
-    return max(1, n // 8)
-  if family in ("v5litepod", "v6e"):
-    return max(1, n // 8) if n > 8 else 1
-  return None
+  """Hosts (TPU VM workers) of a v2/v3/v4/v5p accelerator type, whose number counts
+  TensorCores, 8 a host; None for the others, whose hosts differ by size."""
+  m = re.fullmatch(r"(v2|v3|v4|v5p)-(\d+)", accelerator_type)
+  return max(1, int(m.group(2)) // 8) if m else None
 
 
 # ---------------------------------------------------------------------------- subcommands
@@ -194,8 +187,7 @@ def _train_locally(a, r: Runner, overrides: list[str]) -> None:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   command = train_command(python=shlex.quote(sys.executable), config=a.config,
-                          workdir=a.workdir,
-                          overrides=overrides, mode=a.mode)
+                          workdir=a.workdir, overrides=overrides, mode=a.mode)
   procs = []
   for i in range(n):
     env = {"MSJAX_COORDINATOR_ADDRESS": f"localhost:{port}", "MSJAX_NUM_PROCESSES": str(n),
@@ -231,8 +223,8 @@ def _train_locally(a, r: Runner, overrides: list[str]) -> None:
 
 def logs(a, r: Runner) -> None:
   """Follows worker ``--worker``'s training log (0 logs the progress and metrics)."""
-  follow = "-f" if a.follow else ""
-  r.run(_ssh(a, f"tail -n {a.lines} {follow} {LOG}".replace("  ", " "), worker=a.worker))
+  follow = " -f" if a.follow else ""
+  r.run(_ssh(a, f"tail -n {a.lines}{follow} {LOG}", worker=a.worker))
 
 
 def stop(a, r: Runner) -> None:

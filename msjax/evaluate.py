@@ -778,7 +778,7 @@ def write_json(path, payload: Mapping[str, Any]):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_text(text)
-  tmp.rename(path)
+  tmp.replace(path)  # over an older file: a finished run resumed, or evaluated again
 
 
 def evaluate(embed_fn: Callable[[Any], Any], query_batches: Iterable[Mapping[str, Any]],

@@ -272,6 +272,15 @@ def test_write_json_keeps_the_old_file_when_the_payload_cannot_be_written(tmp_pa
   assert json.loads(path.read_text()) == {"recall@1": 0.5}
 
 
+def test_write_json_replaces_an_older_file(tmp_path):
+  """A finished run started again, or a second --mode eval, rewrites its results."""
+  path = tmp_path / "m.json"
+  E.write_json(path, {"recall@1": 0.5})
+  E.write_json(path, {"recall@1": 0.75})
+  assert json.loads(path.read_text()) == {"recall@1": 0.75}
+  assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
 # ------------------------------------------------------------------- 8 devices
 
 @pytest.fixture(scope="module")

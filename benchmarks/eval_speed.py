@@ -48,7 +48,6 @@ import numpy as np
 import machine  # benchmarks/machine.py, beside this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
 N_SOP, CLASSES_SOP, D = 60502, 11316, 512
 KS = (1, 10, 100, 1000)
 SEED = 0
@@ -312,11 +311,7 @@ def main(argv=None):
     md = markdown(meta, res)
     print(md)
     if args.n == N_SOP and args.tile is None and args.group is None:
-      os.makedirs(RESULTS, exist_ok=True)
-      with open(os.path.join(RESULTS, "eval_speed.json"), "w") as f:
-        json.dump(dict(meta=meta, results=res), f, indent=1)
-      with open(os.path.join(RESULTS, "eval_speed.md"), "w") as f:
-        f.write(md)
+      machine.write_results("eval_speed", dict(meta=meta, results=res), md)
 
 
 if __name__ == "__main__":

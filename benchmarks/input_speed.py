@@ -45,8 +45,9 @@ import time
 import numpy as np
 from PIL import Image
 
+import machine  # benchmarks/machine.py, beside this script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
 sys.path.insert(0, REPO)
 
 from msjax.data import (ImageFiles, ImageTransform, PKSampler, make_split,  # noqa: E402
@@ -229,11 +230,7 @@ def main(argv=None):
       workers_needed_single_resize={b: need[b] / per_worker_single for b in need})
   print(json.dumps(result, indent=1))
   if not args.quick:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "input_speed.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(RESULTS, "input_speed.md"), "w") as f:
-      f.write(markdown(result))
+    machine.write_results("input_speed", result, markdown(result))
 
 
 def markdown(r) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -24,3 +25,13 @@ def environment(**versions) -> dict:
                          capture_output=True, text=True).stdout.strip()
   info["msjax_tree"] = "with uncommitted changes in msjax/" if dirty else "clean"
   return info
+
+
+def write_results(name: str, payload, markdown: str, *, indent: int = 1) -> None:
+  """``benchmarks/results/<name>.json`` (``payload``) and ``<name>.md`` (``markdown``)."""
+  results = os.path.join(REPO, "benchmarks", "results")
+  os.makedirs(results, exist_ok=True)
+  with open(os.path.join(results, f"{name}.json"), "w") as f:
+    json.dump(payload, f, indent=indent)
+  with open(os.path.join(results, f"{name}.md"), "w") as f:
+    f.write(markdown)

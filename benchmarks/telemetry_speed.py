@@ -33,7 +33,6 @@ import numpy as np
 import machine  # benchmarks/machine.py, beside this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
 def load_config(name):
@@ -149,11 +148,8 @@ def main():
   md = markdown(meta, syn, rows)
   print(md)
   if not args.quick:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "telemetry_speed.json"), "w") as f:
-      json.dump({"environment": meta, "synthetic": syn, "loss": rows}, f, indent=2)
-    with open(os.path.join(RESULTS, "telemetry_speed.md"), "w") as f:
-      f.write(md)
+    machine.write_results("telemetry_speed", {"environment": meta, "synthetic": syn,
+                                              "loss": rows}, md, indent=2)
 
 
 if __name__ == "__main__":

@@ -504,11 +504,7 @@ def main(argv=None):
   md = markdown(meta, res, args.peak_tflops)
   print(md)
   if not args.quick and not args.skip_bninception and not args.skip_sharded:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "train_speed.json"), "w") as f:
-      json.dump(dict(meta=meta, results=res), f, indent=1)
-    with open(os.path.join(RESULTS, "train_speed.md"), "w") as f:
-      f.write(md)
+    machine.write_results("train_speed", dict(meta=meta, results=res), md)
 
 
 if __name__ == "__main__":

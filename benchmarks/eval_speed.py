@@ -46,6 +46,7 @@ import time
 import numpy as np
 
 import machine  # benchmarks/machine.py, beside this script
+import timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_SOP, CLASSES_SOP, D = 60502, 11316, 512
@@ -147,13 +148,8 @@ def worker_floor(x, labels, args):
   rates = {}
   for name, q, g in (("rows_4096xN", x[:4096], x), ("tile_1024", x[:1024], x[1024:2048])):
     q, g = jnp.asarray(q), jnp.asarray(g)
-    f(q, g).block_until_ready()
-    times = []
-    for _ in range(5 if name.startswith("rows") else 50):
-      t0 = time.perf_counter()
-      f(q, g).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    rates[name] = 2 * q.shape[0] * g.shape[0] * d / float(np.median(times)) / 1e9
+    seconds = timing.median_seconds(f, q, g, calls=5 if name.startswith("rows") else 50)
+    rates[name] = 2 * q.shape[0] * g.shape[0] * d / seconds / 1e9
   best = max(rates.values())
   full = 2 * n * n * d / (best * 1e9)
   return dict(seconds=full, half_s=full / 2, gflops=best, gflops_by_shape=rates)

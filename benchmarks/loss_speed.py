@@ -62,6 +62,8 @@ import time
 
 import numpy as np
 
+import timing  # benchmarks/timing.py, beside this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 # Where msjax is imported from: this checkout, or a snapshot the driver extracted with
@@ -460,13 +462,7 @@ def profile_worker(batch: int, reps: int = 5) -> dict:
 
   def tm(f, *xs):
     compiled = jax.jit(f).lower(*xs).compile()
-    jax.block_until_ready(compiled(*xs))
-    ts = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*xs))
-      ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return timing.median_seconds(compiled, *xs, calls=reps)
 
   pieces = {
       "S = E E^T (matmul 1)": tm(lambda e: jnp.matmul(e, e.T, precision=hi), emb),

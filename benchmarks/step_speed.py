@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 import machine  # benchmarks/machine.py, beside this script
+import timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, CLASSES, DIM = 80, 16, 512
@@ -53,11 +54,8 @@ def data(arch, seed=0):
 
 
 def timed(step, reps):
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+  """(median seconds, every call's seconds) of ``reps`` calls of ``step``."""
+  times = timing.call_seconds(step, calls=reps)
   return float(np.median(times)), times
 
 

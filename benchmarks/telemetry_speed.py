@@ -26,11 +26,11 @@ import argparse
 import functools
 import json
 import os
-import time
 
 import numpy as np
 
 import machine  # benchmarks/machine.py, beside this script
+import timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,19 +38,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(name):
   from msjax import analysis
   return analysis.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
-
-
-def timed(fn, *args, warmup, calls):
-  """Median seconds of ``fn(*args)`` (waited for) over ``calls`` after ``warmup``."""
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def synthetic(calls):
@@ -77,8 +64,8 @@ def synthetic(calls):
     return out
 
   out = one_step()
-  step_s = timed(one_step, warmup=3, calls=calls)
-  tele_s = timed(tele, out["embeddings"], labels, warmup=3, calls=calls)
+  step_s = timing.median_seconds(one_step, warmup=3, calls=calls)
+  tele_s = timing.median_seconds(tele, out["embeddings"], labels, warmup=3, calls=calls)
   return {"batch": p * k, "dim": c.model.embedding_dim, "step_s": step_s,
           "telemetry_s": tele_s, "per_log_step": tele_s / step_s,
           "log_every": c.train.log_every,
@@ -109,8 +96,8 @@ def loss_vs_telemetry(batch, dim, calls):
   emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
   batched = sharding.batch_sharded(mesh)
   emb, labels = jax.device_put(emb, batched), jax.device_put(labels, batched)
-  loss_s = timed(value_and_grad, emb, labels, warmup=2, calls=calls)
-  tele_s = timed(tele, emb, labels, warmup=2, calls=calls)
+  loss_s = timing.median_seconds(value_and_grad, emb, labels, warmup=2, calls=calls)
+  tele_s = timing.median_seconds(tele, emb, labels, warmup=2, calls=calls)
   return {"batch": batch, "dim": dim, "loss_grad_s": loss_s, "telemetry_s": tele_s,
           "ratio": tele_s / loss_s}
 

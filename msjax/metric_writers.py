@@ -6,9 +6,11 @@
   ``{"step": 120, "time": 1700000000.1, "train/loss": 0.53, ...}``, read back by
   ``read_jsonl``. Runs resumed in the same workdir append to the same file.
 - ``<workdir>/tensorboard/events.out.tfevents.*``: one event file per writer (per run or
-  resume), for TensorBoard. The file format (TFRecord framing around ``Event`` protocol
-  buffers) is written here by hand: the few messages used are encoded in a few lines, so
-  neither TensorFlow nor a summary-writing package is needed at run time.
+  resume), for TensorBoard. The events are TensorBoard's own protocol buffers, framed by
+  TensorBoard's own record writer (``tensorboard.summary.writer.record_writer``), so the
+  files are exactly what TensorBoard reads, without TensorFlow. Text (``write_text``) and
+  histograms (``write_histograms``: already-binned counts, such as the GPW telemetry's)
+  go to TensorBoard only.
 
 **Non-finite values.** TensorBoard receives them as they are (a NaN loss plots as NaN).
 Strict JSON has no NaN or infinity, so in the JSONL they are the strings ``"NaN"``,
@@ -23,17 +25,22 @@ step lower than one before it marks a resume, and the earlier lines at or after 
 are dropped; any remaining duplicates (the same step logged twice) should be read as the
 last value per step and key. For TensorBoard, a writer's first ``write_scalars`` also
 writes a session-start record at its step, from which TensorBoard's event loader drops
-the points earlier files hold at that step or later: the same rule. Both rely on one
-contract: a run writes non-decreasing steps, and its first scalars are at the step it
-starts (or resumes) from or later, never, say, a step-0 summary after a resume.
+the points earlier files hold at that step or later: the same rule. Text and histograms
+written before that first ``write_scalars`` are held back until it, so the mark cannot
+drop them. Both rules rely on one contract: a run writes non-decreasing steps, and its
+first scalars are at the step it starts (or resumes) from or later, never, say, a step-0
+summary after a resume.
 
 **Local and remote workdirs.** Paths go through ``etils.epath``, so ``workdir`` may be a
 ``gs://`` URI. Object stores cannot append to an object, so a remote writer keeps both
 files' bytes in memory and uploads each file whole when ``flush_seconds`` have passed
 since the last upload, and at ``flush()`` and ``close()``. The metrics JSONL is small (a
 few MB for a long run); event files are started anew past ``_REMOTE_EVENT_FILE_BYTES``
-so their uploads stay small. A local writer appends, and hands every line to the
-operating system as it is written, so a crash loses nothing already logged.
+so their uploads stay small. A local writer appends, and hands every record to the
+operating system as it is written, so a crash loses nothing already logged. (TensorBoard's
+own ``EventFileWriter`` is not used: without TensorFlow it reaches ``gs://`` through
+fsspec in append mode, which Cloud Storage does not have, and each record would replace
+the object instead of extending it.)
 
 **Multi-host runs.** Only process 0 writes by default; the others get a writer whose
 methods do nothing, so the training loop calls it unconditionally. ``Progress`` prints
@@ -47,13 +54,17 @@ import math
 import operator
 import os
 import socket
-import struct
 import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
 from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.util import tensor_util
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -78,119 +89,6 @@ def _default_enabled() -> bool:
 def _is_remote(path: epath.Path) -> bool:
   """Whether ``path`` is on an object store (``gs://`` and the like), which cannot append."""
   return "://" in os.fspath(path)
-
-
-# ---------------------------------------------------------------------------------------
-# CRC-32C (Castagnoli), which TFRecord framing uses. Records are a few hundred bytes, so a
-# byte-at-a-time table lookup costs tens of microseconds; no extension module is needed.
-
-def _crc32c_table() -> tuple[int, ...]:
-  """The 256-entry lookup table of the reflected Castagnoli polynomial 0x82F63B78."""
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """Returns the CRC-32C checksum of ``data`` (``crc32c(b"123456789") == 0xE3069283``)."""
-  table = _CRC32C_TABLE
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc32c(data: bytes) -> int:
-  """The TFRecord checksum: CRC-32C rotated right by 15 bits plus a constant.
-
-  TFRecord masks its checksums so that a CRC computed over bytes that themselves contain
-  CRCs does not degenerate.
-  """
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tfrecord(data: bytes) -> bytes:
-  """Frames one record: length, checksum of the length, the data, checksum of the data."""
-  length = struct.pack("<Q", len(data))
-  return (length + struct.pack("<I", _masked_crc32c(length)) + data
-          + struct.pack("<I", _masked_crc32c(data)))
-
-
-# ---------------------------------------------------------------------------------------
-# Protocol-buffer wire format, for the handful of fields written (tensorboard's
-# event.proto, summary.proto and tensor.proto): a key byte (field number << 3 | wire
-# type), then a varint, 8 or 4 little-endian bytes, or a varint length and the bytes.
-
-def _varint(value: int) -> bytes:
-  """Encodes a non-negative integer as a base-128 varint, low groups first."""
-  out = bytearray()
-  while value > 0x7F:
-    out.append((value & 0x7F) | 0x80)
-    value >>= 7
-  out.append(value)
-  return bytes(out)
-
-
-def _field_bytes(key: int, payload: bytes) -> bytes:
-  """A length-delimited field (wire type 2): strings, bytes and nested messages."""
-  return bytes((key,)) + _varint(len(payload)) + payload
-
-
-def _float32_bytes(value: float) -> bytes:
-  """``value`` as a little-endian float32, overflowing to ±inf as a float32 cast does."""
-  try:
-    return struct.pack("<f", value)
-  except OverflowError:  # struct refuses finite doubles beyond float32's range
-    return struct.pack("<f", math.copysign(math.inf, value))
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           summary: bytes | None = None, session_start: bool = False) -> bytes:
-  """An ``Event``: wall_time (1, double), step (2, int64), file_version (3), summary (5),
-  session_log (7).
-
-  ``summary`` is an encoded ``Summary { repeated Value value = 1; }``: its value fields,
-  concatenated. ``session_start`` adds ``SessionLog { status (1): START = 1 }``.
-  """
-  out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-  if file_version is not None:
-    out += _field_bytes(0x1A, file_version.encode())
-  if summary is not None:
-    out += _field_bytes(0x2A, summary)
-  if session_start:
-    out += _field_bytes(0x3A, b"\x08\x01")
-  return out
-
-
-def _scalar_value_prefix(tag: str) -> bytes:
-  """A scalar's ``Summary.value`` field up to its float: the key, length and ``tag`` (1),
-  then the key of ``simple_value`` (2, float32). The 4 bytes of the value complete it.
-  """
-  tag_field = _field_bytes(0x0A, tag.encode())
-  return b"\x0a" + _varint(len(tag_field) + 5) + tag_field + b"\x15"
-
-
-# SummaryMetadata { plugin_data (1) { plugin_name (1): "text" } }: routes the tensor to
-# TensorBoard's text dashboard.
-_TEXT_METADATA = _field_bytes(0x4A, _field_bytes(0x0A, _field_bytes(0x0A, b"text")))
-
-
-def _text_value(tag: str, text: str) -> bytes:
-  """A ``Summary.value`` field holding ``text`` as a scalar string tensor, for the text
-  plugin."""
-  # TensorProto { dtype (1): DT_STRING = 7, tensor_shape (2): {} (a scalar),
-  #               string_val (8): text }
-  tensor = b"\x08\x07" + _field_bytes(0x12, b"") + _field_bytes(0x42, text.encode())
-  return _field_bytes(0x0A, _field_bytes(0x0A, tag.encode()) + _TEXT_METADATA
-                      + _field_bytes(0x42, tensor))
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,16 +213,15 @@ class MetricWriter:
     self._remote = _is_remote(self.workdir)
     self._flush_seconds = flush_seconds
     self._last_flush = time.monotonic()
-    self._value_prefixes: dict[str, bytes] = {}
     self._started = False  # whether the session start has been marked (write_scalars)
-    self._held: list[bytes] = []  # text records written before that mark
+    self._held: list[event_pb2.Event] = []  # text and histograms from before that mark
     self._tb_dir = self.workdir / TENSORBOARD_DIR
     self._tb_dir.mkdir(parents=True, exist_ok=True)
     self._jsonl = _OutputFile(self.workdir / JSONL_NAME, remote=self._remote,
                               keep_existing=True)
-    self._events = self._new_event_file()
+    self._new_event_file()
 
-  def _new_event_file(self) -> _OutputFile:
+  def _new_event_file(self) -> None:
     """Starts a new event file; its first record declares the event format version."""
     # TensorBoard reads a directory's event files in name order, and an existing file
     # must not be continued: the creation second leads the name, and is bumped past the
@@ -339,9 +236,21 @@ class MetricWriter:
         break
       second += 1
     _last_event_file_second = second
-    events = _OutputFile(path, remote=self._remote, keep_existing=False)
-    events.write(_tfrecord(_event(now, 0, file_version="brain.Event:2")))
-    return events
+    self._event_file = _OutputFile(path, remote=self._remote, keep_existing=False)
+    self._events = RecordWriter(self._event_file)
+    self._write_event(event_pb2.Event(wall_time=now, file_version="brain.Event:2"))
+
+  def _write_event(self, event: event_pb2.Event) -> None:
+    self._events.write(event.SerializeToString())
+
+  def _write_summary(self, step: int, summary: summary_pb2.Summary) -> None:
+    """Writes ``summary`` at ``step``, or holds it until the session start is marked."""
+    event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
+    if not self._started:
+      self._held.append(event)
+      return
+    self._write_event(event)
+    self._maybe_flush_remote()
 
   def _check_open(self) -> None:
     if self._closed:
@@ -360,6 +269,7 @@ class MetricWriter:
 
     Values may be Python, NumPy or JAX real scalars; JAX values are fetched to the host
     together. Keys are TensorBoard tags (``train/loss``); ``step`` and ``time`` are taken.
+    TensorBoard stores float32: values beyond its range become ±inf there.
     """
     if not self.enabled:
       return
@@ -367,28 +277,27 @@ class MetricWriter:
     scalars = _fetch_jax_values(scalars)
     now = time.time()
     record: dict[str, Any] = {"step": step, "time": now}
-    values = []
+    summary = summary_pb2.Summary()
     for key, value in scalars.items():
       if not isinstance(key, str) or not key or key in _RESERVED_KEYS:
         raise ValueError(f"Metric names must be non-empty strings other than "
                          f"{_RESERVED_KEYS}; got {key!r}.")
       number = _to_number(key, value)
       record[key] = _json_safe(number)
-      prefix = self._value_prefixes.get(key)
-      if prefix is None:  # encoded once per tag: the same keys come every step
-        prefix = self._value_prefixes[key] = _scalar_value_prefix(key)
-      values.append(prefix + _float32_bytes(float(number)))
+      summary.value.add(tag=key, simple_value=float(number))
     self._jsonl.write(json.dumps(record, allow_nan=False).encode() + b"\n")
     if not self._started:
       # Tells TensorBoard that points an earlier run wrote at this step or later were
-      # abandoned (a resume from an older checkpoint): drop_superseded's rule. Text held
-      # back goes after the mark, which would otherwise drop it too.
-      self._events.write(_tfrecord(_event(now, step, session_start=True)))
+      # abandoned (a resume from an older checkpoint): drop_superseded's rule. What was
+      # held back goes after the mark, which would otherwise drop it too.
+      self._write_event(event_pb2.Event(
+          wall_time=now, step=step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
       self._started = True
       for held in self._held:
-        self._events.write(held)
+        self._write_event(held)
       self._held.clear()
-    self._events.write(_tfrecord(_event(now, step, summary=b"".join(values))))
+    self._write_event(event_pb2.Event(wall_time=now, step=step, summary=summary))
     self._maybe_flush_remote()
 
   def write_text(self, step: int, tag: str, text: str) -> None:
@@ -400,12 +309,29 @@ class MetricWriter:
     if not self.enabled:
       return
     step = self._checked_step(step)
-    record = _tfrecord(_event(time.time(), step, summary=_text_value(tag, text)))
-    if not self._started:
-      self._held.append(record)
+    summary = summary_pb2.Summary()
+    summary.value.add(tag=tag, metadata=text_metadata.create_summary_metadata(tag, ""),
+                      tensor=tensor_util.make_tensor_proto(text))
+    self._write_summary(step, summary)
+
+  def write_histograms(self, step: int, histograms: Mapping[str, tuple[Any, Any]]) -> None:
+    """Logs already-binned counts as TensorBoard histograms, one event for all tags.
+
+    ``histograms`` maps a tag to ``(edges, counts)``: ``counts[i]`` values fell in
+    ``[edges[i], edges[i + 1])``, so ``edges`` has one entry more than ``counts`` and
+    increases. Empty bins at either end are left out (TensorBoard draws from the first
+    non-empty bin to the last); a histogram with no values has no buckets. Held back
+    like text before the first ``write_scalars``.
+    """
+    if not self.enabled:
       return
-    self._events.write(record)
-    self._maybe_flush_remote()
+    step = self._checked_step(step)
+    summary = summary_pb2.Summary()
+    for tag, (edges, counts) in histograms.items():
+      summary.value.add(tag=tag, metadata=histogram_metadata.create_summary_metadata(
+                            display_name=tag, description=""),
+                        tensor=tensor_util.make_tensor_proto(_buckets(tag, edges, counts)))
+    self._write_summary(step, summary)
 
   def _maybe_flush_remote(self) -> None:
     """Remote workdirs: uploads when ``flush_seconds`` have passed since the last upload."""
@@ -419,16 +345,16 @@ class MetricWriter:
     self._jsonl.flush()
     self._events.flush()
     self._last_flush = time.monotonic()
-    if self._remote and self._events.size > _REMOTE_EVENT_FILE_BYTES:
+    if self._remote and self._event_file.size > _REMOTE_EVENT_FILE_BYTES:
       self._events.close()
-      self._events = self._new_event_file()
+      self._new_event_file()
 
   def close(self) -> None:
     """Flushes and closes the files; later writes raise. Closing twice is harmless."""
     if not self.enabled or self._closed:
       return
     for held in self._held:  # no scalars came: no session-start mark to follow
-      self._events.write(held)
+      self._write_event(held)
     self._held.clear()
     self._jsonl.close()
     self._events.close()
@@ -439,6 +365,23 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _buckets(tag: str, edges, counts) -> np.ndarray:
+  """``[k, 3]`` rows of (left edge, right edge, count): TensorBoard's histogram tensor,
+  trimmed to the bins from the first non-empty one to the last."""
+  edges = np.asarray(edges, np.float64)
+  counts = np.asarray(counts, np.float64)
+  if (counts.ndim != 1 or edges.shape != (counts.size + 1,)
+      or not np.all(np.diff(edges) > 0) or not np.all(counts >= 0)):
+    raise ValueError(f"Histogram {tag!r} needs counts [k] >= 0 and increasing edges "
+                     f"[k + 1]; got counts of shape {counts.shape} and edges of shape "
+                     f"{edges.shape}.")
+  filled = np.flatnonzero(counts)
+  if filled.size == 0:
+    return np.zeros((0, 3))
+  first, last = filled[0], filled[-1] + 1
+  return np.stack([edges[first:last], edges[first + 1:last + 1], counts[first:last]], 1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ it returns, under ``gpw/``, to TensorBoard and ``metrics.jsonl``:
 - ``{pos,neg}_sim_q{05,25,50,75,95}``: quantiles of the candidate pairs' similarities;
 - ``{pos,neg}_weight_q{05,...,95}``: quantiles of the non-zero weights.
 
+Beside these scalars it returns the histograms behind the quantiles, in coarser bins
+(``HISTOGRAM_BINS``, edges from ``histogram_edges``), which the loop writes as TensorBoard
+histograms: ``pos_sim`` and ``neg_sim`` (candidate pairs' similarities, bins of 1/32) and
+``pos_weight_log10`` and ``neg_weight_log10`` (log10 of the non-zero weights, bins of
+0.33 decades).
+
 The computation is sharded like the loss: each device takes its anchors' ``[B/n, B]``
 rows against the gathered embeddings, so no device holds the ``[B, B]`` matrix. Sums and
 maxima are reduced over devices; quantiles come from histograms summed over devices, which
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from msjax import losses, sharding
@@ -42,6 +49,29 @@ _SUMS = ("anchors", "empty_anchors", "pos_pairs", "neg_pairs", "pos_selected",
          "neg_selected", "pos_weight_sum", "neg_weight_sum")
 _MAXES = ("pos_weight_max", "neg_weight_max")
 _HISTOGRAMS = ("pos_sim", "neg_sim", "pos_weight", "neg_weight")
+
+
+# TensorBoard histograms: the fine histograms above, HISTOGRAM_GROUP bins summed into one.
+HISTOGRAM_GROUP = 64
+_HISTOGRAM_NAMES = {"pos_sim": "pos_sim", "neg_sim": "neg_sim",
+                    "pos_weight": "pos_weight_log10", "neg_weight": "neg_weight_log10"}
+HISTOGRAM_BINS = {"pos_sim": SIM_BINS // HISTOGRAM_GROUP,
+                  "neg_sim": SIM_BINS // HISTOGRAM_GROUP,
+                  "pos_weight_log10": WEIGHT_BINS // HISTOGRAM_GROUP,
+                  "neg_weight_log10": WEIGHT_BINS // HISTOGRAM_GROUP}
+
+
+def histogram_edges(name: str) -> np.ndarray:
+  """The ``HISTOGRAM_BINS[name] + 1`` bin edges of histogram ``name`` (similarity, or
+  log10 of the weight); the end bins also count the values beyond them."""
+  lo, hi = SIM_RANGE if name.endswith("_sim") else LOG10_WEIGHT_RANGE
+  return np.linspace(lo, hi, HISTOGRAM_BINS[name] + 1)
+
+
+def coarse_histograms(stats: dict) -> dict:
+  """``partial_stats``' histograms summed into ``HISTOGRAM_BINS``: ``{name: counts}``."""
+  return {name: stats[kind].reshape(-1, HISTOGRAM_GROUP).sum(axis=1)
+          for kind, name in _HISTOGRAM_NAMES.items()}
 
 
 def quantile_key(kind: str, q: float) -> str:
@@ -153,7 +183,8 @@ def batch_telemetry(sim, labels, *, loss="ms", **hparams) -> dict:
 
 
 def make_telemetry_fn(mesh, loss: str, hparams: dict):
-  """Jitted ``(embeddings [B, D], labels [B]) -> {KEYS: scalar}``, both batch-sharded.
+  """Jitted ``(embeddings [B, D], labels [B]) -> ({KEYS: scalar}, {name: counts})``, the
+  inputs batch-sharded: the scalars and the ``coarse_histograms``.
 
   ``loss`` and ``hparams`` are the training loss's name and keywords
   (``train.loss_kwargs(config.loss)``), so the weights are the ones training used.
@@ -172,10 +203,10 @@ def make_telemetry_fn(mesh, loss: str, hparams: dict):
                           loss=loss, **hparams)
     stats = {k: (jax.lax.pmax if k in _MAXES else jax.lax.psum)(v, axis)
              for k, v in stats.items()}
-    return finalize(stats)
+    return finalize(stats), coarse_histograms(stats)
 
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
-                     out_specs=PartitionSpec())
+                     out_specs=(PartitionSpec(), PartitionSpec()))
   return jax.jit(fn)
 

@@ -378,6 +378,7 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry
   if data_state is not None:
     batches.set_state(data_state)
 
+  writer.write_text(start, "config", f"```json\n{config.to_json_best_effort(indent=2)}\n```")
   baselines = {}
   if t.eval_untrained and start == 0:
     baselines["untrained network"] = evaluate_model(config, model, state, dataset, mesh,
@@ -414,9 +415,12 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry
       progress.update(step, loss=values["loss"])
       scalars = {f"train/{k}": v for k, v in values.items()}
       if telemetry_fn is not None:
-        gpw = jax.device_get(telemetry_fn(embeddings, batch["label"]))
+        gpw, histograms = jax.device_get(telemetry_fn(embeddings, batch["label"]))
         scalars.update({f"gpw/{k}": float(v) for k, v in gpw.items()})
       writer.write_scalars(step, scalars)
+      if telemetry_fn is not None:
+        writer.write_histograms(step, {f"gpw/{k}": (telemetry.histogram_edges(k), v)
+                                       for k, v in histograms.items()})
     if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
       last_metrics = evaluate_model(config, model, state, dataset, mesh,
                                     title=f"step {step}")

@@ -333,7 +333,11 @@ def test_two_processes_train_through_the_workers_command_on_gcs(fake_gcs, tmp_pa
     # One writer (process 0), each step once across the stop and the resume.
     assert [r["step"] for r in logged if "train/loss" in r] == [2, 4, 6]
     assert all("gpw/neg_mined_fraction" in r for r in logged if "train/loss" in r)
-    assert list((root / "tensorboard").iterdir())
+    # TensorBoard's reader, on the bucket itself: every JSONL tag and value, once a step.
+    from test_metric_writers import assert_tensorboard_matches_jsonl
+    acc = assert_tensorboard_matches_jsonl(workdir)
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in acc.Tensors("gpw/neg_sim")] == [2, 4, 6]
   finally:
     for k in fake_gcs:
       os.environ.pop(k, None)

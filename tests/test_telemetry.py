@@ -85,6 +85,37 @@ def check_against_oracle(got, o, *, rtol):
         assert abs(value - want) <= telemetry.SIM_BIN + 1e-6, key
 
 
+def check_histograms(got, o, *, tol=0.0):
+  """The TensorBoard histograms against the oracle's similarities and weights, each
+  value's bin counted one at a time (bin ``floor((x - lo) / width)``, the end bins also
+  counting what lies beyond them; ``x - lo`` rounds as the float64 telemetry's does, so a
+  value within rounding of an edge, as tied similarities of 0 are, lands alike).
+
+  With ``tol`` (float32 telemetry against the float64 oracle) a value within ``tol`` of
+  an edge may fall on either side of it: the counts below each edge may differ by at most
+  the number of such values, and the totals must agree."""
+  assert set(got) == set(telemetry.HISTOGRAM_BINS)
+  for name in got:
+    side, what = name.split("_", 1)
+    edges = telemetry.histogram_edges(name)
+    lo, hi, bins = edges[0], edges[-1], len(edges) - 1
+    if what == "sim":
+      values = o[f"{side}_sims"]
+    else:
+      values = [math.log10(w) for w in o[f"{side}_w"] if w > 0]
+    want = [0] * bins
+    for x in values:
+      want[min(max(math.floor((x - lo) / (hi - lo) * bins), 0), bins - 1)] += 1
+    if not tol:
+      np.testing.assert_array_equal(got[name], want, err_msg=name)
+      continue
+    below_got, below_want = np.cumsum(got[name]), np.cumsum(want)
+    assert below_got[-1] == below_want[-1], name
+    for b, edge in enumerate(edges[1:-1]):
+      near = sum(abs(x - edge) <= tol for x in values)
+      assert abs(below_got[b] - below_want[b]) <= near, (name, edge)
+
+
 KINDS = ["pk", "k1_mixed", "duplicates", "ties", "singletons", "one_class", "mined_out"]
 
 
@@ -93,7 +124,11 @@ def test_ms_telemetry_matches_a_loop_oracle(kind):
   emb, labels = make_batch(kind, 8, 4, 16, seed=5, spread=2.0)
   sim = emb @ emb.T
   got = {k: float(v) for k, v in telemetry.batch_telemetry(sim, labels, **MS).items()}
-  check_against_oracle(got, loop_ms_telemetry(sim, labels, **MS), rtol=1e-9)
+  oracle = loop_ms_telemetry(sim, labels, **MS)
+  check_against_oracle(got, oracle, rtol=1e-9)
+  stats = telemetry.partial_stats(sim, labels, **MS)
+  check_histograms({k: np.asarray(v) for k, v in telemetry.coarse_histograms(stats).items()},
+                   oracle)
   if kind == "mined_out":
     assert got["empty_anchor_fraction"] == 1.0 and math.isnan(got["pos_weight_mean"])
   if kind == "k1_mixed":  # single-image classes: anchors without a positive are empty
@@ -161,7 +196,10 @@ def test_sharded_telemetry_equals_one_device_and_the_oracle():
       else:
         assert sharded[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), (
             case["kind"], case["loss"], key)
+    assert case["sharded_histograms"] == case["single_histograms"], (
+        case["kind"], case["loss"])
     if case["loss"] == "ms":
       emb = np.asarray(case["emb"], np.float32).astype(np.float64)
       oracle = loop_ms_telemetry(emb @ emb.T, np.asarray(case["labels"]), **MS)
       check_against_oracle(sharded, oracle, rtol=1e-5)
+      check_histograms(case["sharded_histograms"], oracle, tol=1e-5)

@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tensorboard.util import tensor_util
 
 from msjax import train
 from msjax.data import DataError
@@ -109,6 +110,20 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
       assert 0 <= r["gpw/neg_mined_fraction"] <= 1 and r["gpw/pos_weight_max"] > 0
   straight_lines = open(tmp_path / "straight" / "metrics.jsonl").read()
   assert "train/loss" in straight_lines and "gpw/" not in straight_lines
+  # TensorBoard holds the JSONL's every tag and value, each step once across the resume,
+  # and the GPW histograms of every logged step: 8 classes × 2 images give 16 positive
+  # and 16 × 14 negative candidate pairs.
+  from test_metric_writers import assert_tensorboard_matches_jsonl, event_files
+  assert len(event_files(tmp_path / "split")) == 2
+  acc = assert_tensorboard_matches_jsonl(tmp_path / "split")
+  assert set(acc.Tags()["tensors"]) == {"config"} | {
+      f"gpw/{k}" for k in telemetry.HISTOGRAM_BINS}
+  for tag, pairs in (("gpw/pos_sim", 16), ("gpw/neg_sim", 16 * 14)):
+    histograms = acc.Tensors(tag)
+    assert [e.step for e in histograms] == [1, 2, 3, 4, 5, 6]
+    for e in histograms:
+      assert tensor_util.make_ndarray(e.tensor_proto)[:, 2].sum() == pairs
+  assert [e.step for e in acc.Tensors("config")] == [0, 3]
 
 
 def test_main_job_on_the_synthetic_default(tmp_path):
@@ -136,10 +151,11 @@ def test_main_job_on_the_synthetic_default(tmp_path):
   logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert [r["step"] for r in logged if "train/loss" in r] == [20, 40, 60]
   assert [r["step"] for r in logged if "gpw/neg_sim_q50" in r] == [20, 40, 60]
-  from test_metric_writers import accumulate
-  tags = accumulate(workdir).Tags()
-  scalars = set(tags["scalars"]) | set(tags["tensors"])
-  assert {"train/loss", "gpw/neg_weight_max", "gpw/empty_anchor_fraction"} <= scalars
+  from test_metric_writers import assert_tensorboard_matches_jsonl
+  tags = assert_tensorboard_matches_jsonl(workdir).Tags()
+  assert {"train/loss", "gpw/neg_weight_max", "gpw/empty_anchor_fraction",
+          "untrained/recall@1", "test/recall@1"} <= set(tags["scalars"])
+  assert {"gpw/neg_sim", "gpw/pos_weight_log10", "config"} <= set(tags["tensors"])
   from msjax import plot  # its command line is tested in test_plot.py
   assert plot.render_workdir(workdir) == [str(workdir / "figures" / "gpw_telemetry.png")]
   assert (workdir / "figures" / "gpw_telemetry.png").stat().st_size > 10_000

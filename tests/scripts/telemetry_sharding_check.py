@@ -55,7 +55,9 @@ def main():
       out = {}
       for name, n, mesh in (("sharded", 8, mesh8), ("single", 1, mesh1)):
         fn = fns[loss, n]
-        out[name] = plain(jax.device_get(fn(put(emb, mesh), put(labels, mesh))))
+        scalars, histograms = jax.device_get(fn(put(emb, mesh), put(labels, mesh)))
+        out[name] = plain(scalars)
+        out[f"{name}_histograms"] = {k: v.tolist() for k, v in histograms.items()}
       cases.append({"kind": kind, "loss": loss, "emb": emb.tolist(),
                     "labels": labels.tolist(), **out})
   big = 256

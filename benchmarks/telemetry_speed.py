@@ -36,8 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-  from msjax import analysis
-  return analysis.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+  from msjax.config import load_config_file
+  return load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def synthetic(calls):

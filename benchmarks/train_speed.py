@@ -60,7 +60,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -77,11 +76,8 @@ H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100/H200 SXM
 
 
 def load_config(name):
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from msjax.config import load_config_file
+  return load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def bninception_config(batch, dtype="float32"):

@@ -12,7 +12,6 @@ size).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from typing import Any
 
@@ -22,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from msjax import losses
+from msjax.config import load_config_file  # noqa: F401 - the notebook's entry
 
 # The hyper-parameters each loss is shown with when nothing else is asked for: the
 # released MS setting, and the values the papers use for the others on unit embeddings.
@@ -35,16 +35,6 @@ DEFAULT_HPARAMS = {
 # Which similarities each loss's weights depend on (Wang et al., Table 1).
 DEPENDS_ON = {"contrastive": "S", "triplet": "P", "binomial": "S", "lifted": "N",
               "ms": "S, P, N"}
-
-
-def load_config_file(path) -> ml_collections.ConfigDict:
-  """``get_config()`` of a config file such as ``configs/synthetic.py``."""
-  spec = importlib.util.spec_from_file_location("msjax_config_file", str(path))
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"{path} is not a Python config file.")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:

@@ -8,11 +8,24 @@ this ConfigDict or a slice of it.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 DATASETS = ("cub", "cars", "sop", "inshop", "folder", "synthetic")
 BENCHMARKS = ("cub", "cars", "sop", "inshop")
 FORMATS = ("files", "tfds")
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file such as ``configs/synthetic.py``."""
+  spec = importlib.util.spec_from_file_location("msjax_config_file", os.fspath(path))
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"{path} is not a Python config file.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -18,11 +18,8 @@ REPO = pathlib.Path(__file__).parents[1]
 
 
 def _config(name, **data):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from msjax.config import load_config_file
+  c = load_config_file(REPO / "configs" / f"{name}.py")
   c.data.update(data)
   return c
 

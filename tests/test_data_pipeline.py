@@ -167,15 +167,11 @@ def test_global_batches_on_8_devices():
 def test_synthetic_config_batches_are_whole_images_or_their_flips():
   """configs/synthetic.py crops the whole image: a training image is the rendered one
   or its mirror image, and evaluation returns it untouched."""
-  import importlib.util
   import pathlib
 
   from msjax import data
-  path = pathlib.Path(__file__).parents[1] / "configs" / "synthetic.py"
-  spec = importlib.util.spec_from_file_location("synthetic_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  d = module.get_config().data
+  from msjax.config import load_config_file
+  d = load_config_file(pathlib.Path(__file__).parents[1] / "configs" / "synthetic.py").data
   d.synthetic.update(num_train_classes=16, num_test_classes=4, images_per_class=4)
   ds = data.load_dataset(d)
   flips = 0

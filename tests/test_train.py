@@ -1,6 +1,5 @@
 """Training: sharded step == single-device step, multi-process, resume, the main job."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from tensorboard.util import tensor_util
 
+from msjax import config as config_lib
 from msjax import train
 from msjax.data import DataError
 from scripts_run import run_json_script
@@ -21,11 +21,8 @@ REPO = pathlib.Path(__file__).parents[1]
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 
 
-def _config(name="synthetic", **data):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def _config(name="synthetic"):
+  return config_lib.load_config_file(REPO / "configs" / f"{name}.py")
 
 
 def _tiny(c, steps=6):

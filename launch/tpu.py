@@ -13,7 +13,7 @@
 
 Every subcommand takes ``--dry-run``: it prints each command it would run (``+ ...``) and
 runs none. ``train --local-processes N`` runs the workers' command as N processes on this
-machine instead (CPU), the way a slice's hosts run it; see launch/README.md.
+machine instead (CPU), the way a slice's hosts run it; see docs/launching.md.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def check_config(config, num_devices: int, process_count: int):
           f"config.model.pretrained={pretrained} does not exist. Convert the published "
           "weights first: python -m msjax.models.convert --arch "
           f"{config.model.backbone} --src <downloaded .pth> --out {pretrained} "
-          "(README, Models), or set config.model.pretrained='' to start from random "
+          "(docs/models.md), or set config.model.pretrained='' to start from random "
           "weights.")
 
 

@@ -36,7 +36,7 @@ def read_state_dict(src: str) -> dict:
   path = epath.Path(src)
   if not path.exists():
     raise SystemExit(f"--src {src}: no such file. Download the published checkpoint "
-                     "first (see the README's 'Pretrained weights').")
+                     "first (see docs/models.md, 'Pretrained weights').")
   try:
     obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - report any unreadable file the same way

@@ -124,7 +124,7 @@ def load_npz(path) -> tuple[str | None, dict[str, np.ndarray]]:
     raise FileNotFoundError(
         f"Pretrained weights {path} not found. Convert the published PyTorch checkpoint "
         "with `python -m msjax.models.convert --arch ARCH --src FILE.pth --out "
-        f"{path}` (see the README), or set model.pretrained to the converted file.")
+        f"{path}` (see docs/models.md), or set model.pretrained to the converted file.")
   with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
   arch = arrays.pop(ARCH_KEY, None)

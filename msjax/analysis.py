@@ -60,18 +60,21 @@ class Run:
   step: int
 
 
-def load_run(workdir, *, step: int | None = None, data_root: str | None = None) -> Run:
+def load_run(workdir, *, step: int | None = None, data_root: str | None = None,
+             load_data: bool = True) -> Run:
   """Restores ``workdir``'s checkpoint ``step`` (default: the latest) with its config.
 
   ``data_root`` points at the dataset when it lives elsewhere on this machine than on
-  the one that trained.
+  the one that trained. ``load_data=False`` restores the model alone (``Run.dataset``
+  is None), so the run's dataset need not be on this machine: embedding other images.
   """
   from msjax import train
   config = load_config(workdir)
   config.model.pretrained = ""  # the checkpoint holds every weight
   if data_root is not None:
     config.data.root = data_root
-  mesh, dataset, _, model, state, _, ckpt = train._setup(config, workdir, training=False)
+  mesh, dataset, _, model, state, _, ckpt = train._setup(config, workdir, training=False,
+                                                          load_data=load_data)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint yet.")

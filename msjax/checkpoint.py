@@ -72,7 +72,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                best_metric: str | None = None,
                best_mode: Literal["max", "min"] = "max", keep_best: bool = True,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     """Opens (creating it if needed) the checkpoint directory.
 
     Args:
@@ -85,6 +85,10 @@ class Checkpointer:
         ``max_to_keep`` (needs ``best_metric``).
       async_save: ``save`` returns once the arrays are copied to host memory and the
         files are written in a background thread; False writes before returning.
+      read_only: only read (restore, list, rank): nothing is created, and the temporary
+        directories of unfinished saves are left alone, because a training run may be
+        writing one right now (exporting or evaluating a run while it trains).
+        ``save`` is then an error.
     """
     if max_to_keep < 1:
       raise CheckpointError(f"max_to_keep must be at least 1, got {max_to_keep}.")
@@ -112,8 +116,11 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Half-written step directories of a killed save are never restorable; drop
         # them so they don't accumulate (finished checkpoints are not touched).
-        cleanup_tmp_directories=True,
-        create=True)
+        cleanup_tmp_directories=not read_only,
+        create=not read_only, read_only=read_only,
+        # Orbax warns about every saving option a read-only manager ignores.
+        **({"save_interval_steps": 0} if read_only else {}))
+    self.read_only = read_only
     # Naming each item's handler up front lets a fresh process read a checkpoint's
     # metadata (to check it against the state) before anything was saved.
     registry = ocp.handlers.create_default_handler_registry(**{
@@ -146,6 +153,9 @@ class Checkpointer:
       preemption save right after a periodic one) or, without ``force``, not after the
       latest saved step.
     """
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only; open it with "
+                            "read_only=False to save.")
     step = int(step)
     if step in self._manager.all_steps():
       log.info("checkpoint %d already exists in %s; not saving again", step,
@@ -301,6 +311,43 @@ class Checkpointer:
         f"Could not read the checkpoint in {step_dir}; files in it are missing or "
         f"damaged ({detail}). Nothing was changed on disk. Restore another step "
         f"(saved: {others}), or move this step directory away and restore the latest.")
+
+
+def select_step(workdir, *, best_metric: str, step: int | None = None,
+                best: bool = False) -> tuple[int, dict[str, Any] | None]:
+  """``(step, its metrics)`` of the checkpoint a user asked for in ``workdir``: ``step``,
+  the best by ``best_metric`` (``best``), or else the latest.
+
+  The checkpoints are opened read-only: the run may still be training, and its save in
+  progress must not be taken for a killed one and cleaned up. A ``CheckpointError`` says
+  what is there instead: no checkpoint yet, no such step, or none ranked by the metric.
+  """
+  if step is not None and best:
+    raise CheckpointError("pass --step or --best, not both.")
+  directory = epath.Path(workdir) / "checkpoints"
+  none_yet = CheckpointError(
+      f"{workdir} has no checkpoint yet: train first (python -m msjax.main --config ... "
+      f"--workdir {workdir}), or pass the workdir of a run that saved one.")
+  if not directory.is_dir():
+    raise none_yet  # checked before opening, which would create it
+  with Checkpointer(directory, best_metric=best_metric, read_only=True) as ckpt:
+    saved = ckpt.all_steps()
+    if not saved:
+      raise none_yet
+    if best:
+      step = ckpt.best_step()
+      if step is None:
+        raise CheckpointError(
+            f"no checkpoint in {directory} was saved with the metric {best_metric} (the "
+            f"saved steps are {saved}); pass --step N, or neither --step nor --best for "
+            "the latest.")
+    elif step is None:
+      step = saved[-1]
+    elif step not in saved:
+      raise CheckpointError(f"--step {step}: {directory} has no such checkpoint; the saved "
+                            f"steps are {saved}. Pass one of them, or no --step for the "
+                            "latest.")
+    return step, ckpt.metrics(step)
 
 
 def _checked_json(what: str, value: Any) -> Any:

@@ -284,23 +284,26 @@ def _count(n: int, singular: str, plural: str | None = None) -> str:
   return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
-def _setup(config, workdir, *, training: bool):
-  """Checks, then builds what training and evaluation share."""
+def _setup(config, workdir, *, training: bool, load_data: bool = True):
+  """Checks, then builds what training and evaluation share. ``load_data=False`` (using
+  a trained model on other images) leaves the dataset out: ``None``."""
   from etils import epath
 
   from msjax import checkpoint as checkpoint_lib
   from msjax import data as data_lib
   mesh = sharding.make_mesh()
   check_config(config, jax.device_count(), jax.process_count())
-  dataset = data_lib.load_dataset(config.data)
+  dataset = data_lib.load_dataset(config.data) if load_data else None
   if training:
     data_lib.check_small_classes(dataset.train, config.data)
   tx = build_optimizer(config.optim, config.train.num_steps)
   model, state = init_state(config, tx, mesh, seed=config.seed)
   workdir = epath.Path(workdir)
+  # Evaluating only reads: a run may be training in this workdir right now, and a
+  # writable manager would clean up the temporary directory of its save in progress.
   ckpt = checkpoint_lib.Checkpointer(
       workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints,
-      best_metric=f"{config.eval.split}/{config.eval.best_metric}")
+      best_metric=f"{config.eval.split}/{config.eval.best_metric}", read_only=not training)
   return mesh, dataset, tx, model, state, workdir, ckpt
 
 

@@ -161,10 +161,11 @@ def worker_pieces(x, labels, args):
   import jax
   import jax.numpy as jnp
   from msjax import evaluate as E
+  from msjax import knn
   n, d = x.shape
   tile = E.DEFAULT_TILE_SIZE
   rows = -(-n // tile) * tile
-  group = E._group_size(tile, rows, rows, None)
+  group = knn.group_size(tile, rows, rows, None)
   pairs = (rows // tile) * (rows // tile + 1) // 2
   a, b = jnp.asarray(x[:tile]), jnp.asarray(x[tile:2 * tile])
   block = jnp.dot(a, b.T)
@@ -187,16 +188,16 @@ def worker_pieces(x, labels, args):
                                                          axis=1), block),
       "count (columns)": per_call(lambda t: E._count_before(t, 0, ids, ids, s, i,
                                                             num_cols=n, axis=0), block),
-      "group maxima (rows)": per_call(lambda t: E._group_max(t, 0, group=group,
+      "group maxima (rows)": per_call(lambda t: knn.group_max(t, 0, group=group,
                                                              num_cols=n, axis=1), block),
-      "group maxima (columns)": per_call(lambda t: E._group_max(t, 0, group=group,
+      "group maxima (columns)": per_call(lambda t: knn.group_max(t, 0, group=group,
                                                                 num_cols=n, axis=0), block),
   }
   out = {k: v * pairs for k, v in pieces.items()}
   k = int(np.bincount(labels).max()) - 1
   table = jnp.asarray(np.random.default_rng(0).normal(size=(rows, rows // group)),
                       jnp.float32)
-  out["top groups"] = per_call(lambda t: E._top_groups(t, k + 1), table, reps=2)
+  out["top groups"] = per_call(lambda t: knn.top_indices(t, k + 1), table, reps=2)
   cand = jnp.asarray(np.random.default_rng(1).integers(0, n, (rows, (k + 1) * group)),
                      jnp.int32)
   g = jnp.asarray(x)

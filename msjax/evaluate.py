@@ -65,6 +65,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from msjax import knn
+from msjax.knn import DEFAULT_TILE_SIZE
+
+_NO_INDEX = np.iinfo(np.int32).max  # sorts after every real index
+
 # The Recall@K list each benchmark reports (DESIGN.md §2).
 DATASET_KS = {
     "cub": (1, 2, 4, 8, 16, 32),
@@ -73,8 +78,6 @@ DATASET_KS = {
     "inshop": (1, 10, 20, 30, 40, 50),
 }
 
-DEFAULT_TILE_SIZE = 1024
-_NO_INDEX = np.iinfo(np.int32).max
 
 
 class Rankings(NamedTuple):
@@ -95,24 +98,6 @@ class Rankings(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def _embeddings(x, name):
-  x = np.asarray(x)
-  if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-    raise ValueError(f"{name} must be a non-empty [N, D] array of embeddings; got shape "
-                     f"{x.shape}.")
-  if not (np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16):
-    raise ValueError(f"{name} must hold floating-point embeddings; got dtype {x.dtype}.")
-  bad = ~np.isfinite(x.astype(np.float32) if x.dtype == jnp.bfloat16 else x).all(axis=1)
-  if bad.any():
-    rows = np.flatnonzero(bad)
-    raise ValueError(
-        f"{name} has {rows.size} row(s) with NaN or inf (first: row {rows[0]}); the model "
-        "produced non-finite embeddings, so no ranking is defined. Check the checkpoint "
-        "or the training loss for divergence.")
-  dtype = np.float64 if (x.dtype == np.float64 and jax.config.jax_enable_x64) else np.float32
-  return x.astype(dtype, copy=False)
 
 
 def _labels(y, n, name, emb_name):
@@ -146,12 +131,12 @@ def _problem(query_emb, query_labels, gallery_emb, gallery_labels):
     raise ValueError("Pass gallery_emb and gallery_labels together (query against a "
                      "separate gallery, as In-Shop does), or neither (queries search each "
                      "other).")
-  q = _embeddings(query_emb, "query_emb")
+  q = knn.check_embeddings(query_emb, "query_emb")
   ql = _labels(query_labels, q.shape[0], "query_labels", "query_emb")
   if gallery_emb is None:
     g, gl = None, ql
   else:
-    g = _embeddings(gallery_emb, "gallery_emb")
+    g = knn.check_embeddings(gallery_emb, "gallery_emb")
     if g.shape[1] != q.shape[1]:
       raise ValueError(f"query_emb has dimension {q.shape[1]} but gallery_emb has "
                        f"{g.shape[1]}; both must come from the same model.")
@@ -210,63 +195,6 @@ def _pack_classes(query_ids, gallery_ids, symmetric, tile):
 # ------------------------------------------------------------------- device: one mesh
 
 
-def _default_mesh():
-  return Mesh(np.asarray(jax.devices()), ("eval",))
-
-
-def _put(x, sharding):
-  """Places a host array that every process holds in full."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _fetch(x):
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _round_up(n, m):
-  return -(-n // m) * m
-
-
-def _group_size(tile, rows, cols, requested, budget=1 << 30):
-  """Columns per group of the top-k pre-selection: a power of two dividing the tile.
-
-  The table of group maxima is ``rows × cols/group`` per device; the smallest group (at
-  least 8) that keeps it within ``budget`` bytes, so rescoring stays a small fraction of
-  the work.
-  """
-  if requested is not None:
-    if requested < 1 or tile % requested:
-      raise ValueError(f"group_size must divide the tile size {tile}; got {requested}.")
-    return int(requested)
-  group = 8
-  while group < tile and rows * (cols // group) * 4 > budget:
-    group *= 2
-  while tile % group:
-    group //= 2
-  return group
-
-
-def _pair_schedule(num_row_tiles, num_col_tiles, symmetric, num_devices):
-  """Tile pairs (row tile, column tile, active) dealt round-robin to the devices.
-
-  Row-major order, on and above the diagonal when the matrix is symmetric; devices
-  with fewer pairs get inactive ones.
-  """
-  if symmetric:
-    pairs = [(i, j) for i in range(num_row_tiles) for j in range(i, num_col_tiles)]
-  else:
-    pairs = [(i, j) for i in range(num_row_tiles) for j in range(num_col_tiles)]
-  per = -(-len(pairs) // num_devices)
-  table = np.zeros((num_devices, per, 3), np.int32)
-  for n, (i, j) in enumerate(pairs):
-    table[n % num_devices, n // num_devices] = (i, j, 1)
-  return table
-
-
 def _count_before(block, col0, row_ids, col_ids, best_sim, best_idx, *, num_cols, axis):
   """For each query of ``block``, the negatives ranked before its best positive.
 
@@ -282,50 +210,9 @@ def _count_before(block, col0, row_ids, col_ids, best_sim, best_idx, *, num_cols
   return jnp.sum(negative & before, axis=axis, dtype=jnp.int32)
 
 
-def _group_max(block, col0, *, group, num_cols, axis):
-  """Maxima of ``group`` consecutive gallery items, per query: ``[queries, items/group]``.
-
-  ``axis`` as in ``_count_before``. Groups made only of padding are -inf. Nothing else is
-  masked, element by element, to keep this pass as cheap as a reduction: the query
-  itself and the padding that shares a group with real items may be a group's maximum,
-  and the selection takes one extra group for each.
-  """
-  n_rows, n_cols = (block.shape if axis == 1 else block.shape[::-1])
-  if axis == 1:
-    maxima = block.reshape(n_rows, n_cols // group, group).max(axis=2)
-  else:
-    maxima = block.reshape(n_cols // group, group, n_rows).max(axis=1).T
-  first = col0 + group * jnp.arange(n_cols // group, dtype=jnp.int32)
-  return jnp.where(first[None, :] < num_cols, maxima, -jnp.inf)
-
-
-def _top_groups(maxima, k, fan_in=8):
-  """Indices, ascending, of the ``k`` largest entries per row (ties: lower index first).
-
-  ``top_k`` costs about the same per element whatever k is, so long rows are first cut
-  down through maxima of ``fan_in`` entries: the top k entries always lie in the k
-  super-groups with the largest maxima (each of those holds an entry ranked before any
-  entry of an unselected one), so selecting on the maxima and then among their members
-  is exact, ties included.
-  """
-  rows, n = maxima.shape
-  k = min(k, n)
-  if n > 64 * k:
-    pad = -n % fan_in
-    padded = jnp.pad(maxima, ((0, 0), (0, pad)), constant_values=-jnp.inf)
-    supers = _top_groups(padded.reshape(rows, -1, fan_in).max(axis=2), k, fan_in)
-    members = (supers[:, :, None] * fan_in
-               + jnp.arange(fan_in, dtype=jnp.int32)).reshape(rows, -1)
-    values = jnp.take_along_axis(padded, members, axis=1)
-    _, at = jax.lax.top_k(values, k)
-    return jnp.sort(jnp.take_along_axis(members, at, axis=1), axis=1)
-  _, at = jax.lax.top_k(maxima, k)
-  return jnp.sort(at.astype(jnp.int32), axis=1)
-
-
 def _ranking_kernel(query, query_ids, gallery, gallery_ids, q_slots, g_slots, schedule,
                     *, axis, devices, tile, group, k, cols, num_gallery, symmetric,
-                    precision, chunk):
+                    precision):
   """Runs on one device inside shard_map.
 
   ``q_slots``/``g_slots`` (the class-packed tiles) and ``schedule`` (the tile pairs) are
@@ -367,7 +254,7 @@ def _ranking_kernel(query, query_ids, gallery, gallery_ids, q_slots, g_slots, sc
 
   # 2. One pass over this device's tile pairs: the counts, and the group maxima.
   count_before = functools.partial(_count_before, num_cols=num_gallery)
-  group_max = functools.partial(_group_max, group=group, num_cols=num_gallery)
+  group_max = functools.partial(knn.group_max, group=group, num_cols=num_gallery)
 
   def step(carry, pair):
     count, table = carry
@@ -402,26 +289,11 @@ def _ranking_kernel(query, query_ids, gallery, gallery_ids, q_slots, g_slots, sc
   if devices > 1:
     count = jax.lax.psum_scatter(count, axis, scatter_dimension=0, tiled=True)
     table = jax.lax.psum_scatter(table, axis, scatter_dimension=0, tiled=True)
-  # The top k lie in the k groups with the highest maxima (ties: lower group first), plus
-  # one group for the query itself and one for a group that padding shares with real
-  # items, either of which may have lent a group its maximum. The members of those
-  # groups, in increasing index, are rescored and the top k of them taken.
-  extra = int(symmetric) + int(num_gallery % group != 0)
-  groups = _top_groups(table, k + extra)
-  cand = (groups[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(local, -1)
   own = first + jnp.arange(local, dtype=jnp.int32)
-  ok = cand < num_gallery
-  if symmetric:
-    ok = ok & (cand != own[:, None])
-
-  def top(args):
-    q, index, ok = args
-    sims = jnp.einsum("d,cd->c", q, gallery[jnp.clip(index, 0, gallery.shape[0] - 1)],
-                      precision=precision)
-    _, at = jax.lax.top_k(jnp.where(ok, sims, neg_inf), k)
-    return index[at]
-
-  top_i = jax.lax.map(top, (local_q, cand, ok), batch_size=chunk)
+  top_i, _ = knn.top_k_from_group_maxima(local_q, gallery, table, k, group=group,
+                                         num_gallery=num_gallery,
+                                         exclude=own if symmetric else None,
+                                         precision=precision)
   return count, top_i
 
 
@@ -462,9 +334,8 @@ def retrieval_rankings(query_emb, query_labels, gallery_emb=None, gallery_labels
     ``Rankings`` with one entry per query, in order.
   """
   prob = _problem(query_emb, query_labels, gallery_emb, gallery_labels)
-  mesh = mesh or _default_mesh()
-  axis = mesh.axis_names if len(mesh.axis_names) > 1 else mesh.axis_names[0]
-  devices = mesh.size
+  mesh = mesh or knn.default_mesh()
+  axis, devices = knn.mesh_axis(mesh), mesh.size
   nq, ng = prob.query.shape[0], prob.num_gallery
   k = int(prob.num_positives.max())
   if k <= 0:
@@ -476,15 +347,15 @@ def retrieval_rankings(query_emb, query_labels, gallery_emb=None, gallery_labels
   tile = int(tile_size or DEFAULT_TILE_SIZE)
   if tile < 1:
     raise ValueError(f"tile_size must be positive; got {tile_size}.")
-  tile = min(tile, _round_up(max(nq, ng), 8))
+  tile = min(tile, knn.round_up(max(nq, ng), 8))
   # A class must fit in one tile (see _pack_classes): if not, the next power of two.
   largest = int(max(np.bincount(prob.query_ids).max(), np.bincount(prob.gallery_ids).max()))
   if largest > tile:
     tile = 1 << (largest - 1).bit_length()
-  rows = _round_up(nq, tile)                         # queries, in whole tiles
-  cols = rows if prob.symmetric else _round_up(ng, tile)
-  padded = _round_up(rows, devices)                  # ... and dividing among the devices
-  group = _group_size(tile, padded, cols, group_size)
+  rows = knn.round_up(nq, tile)                         # queries, in whole tiles
+  cols = rows if prob.symmetric else knn.round_up(ng, tile)
+  padded = knn.round_up(rows, devices)                  # ... and dividing among the devices
+  group = knn.group_size(tile, padded, cols, group_size)
   d = prob.query.shape[1]
   dtype = prob.query.dtype
 
@@ -496,14 +367,12 @@ def retrieval_rankings(query_emb, query_labels, gallery_emb=None, gallery_labels
   extra = -len(q_slots) % devices
   q_slots = np.pad(q_slots, ((0, extra), (0, 0)), constant_values=-1)
   g_slots = np.pad(g_slots, ((0, extra), (0, 0)), constant_values=-1)
-  schedule = _pair_schedule(rows // tile, cols // tile, prob.symmetric, devices)
-  # Rescoring gathers [chunk, C, D] embeddings: a few MiB, to stay in cache.
-  chunk = max(1, min(16, (1 << 20) // (k * group * d)))
+  schedule = knn.pair_schedule(rows // tile, cols // tile, prob.symmetric, devices)
 
   kernel = _compiled_kernel(mesh, axis, devices=devices, tile=tile, group=group, k=k,
                             cols=cols, num_gallery=ng, symmetric=prob.symmetric,
-                            precision=precision, chunk=chunk)
-  put = lambda x, spec: _put(x, NamedSharding(mesh, spec))
+                            precision=precision)
+  put = lambda x, spec: knn.put(x, NamedSharding(mesh, spec))
   query_dev = put(query, P())
   if prob.symmetric:
     gallery_dev, gallery_ids = query_dev, np.where(np.arange(padded) < nq, query_ids, -2)
@@ -515,7 +384,7 @@ def retrieval_rankings(query_emb, query_labels, gallery_emb=None, gallery_labels
     gallery_dev = put(gallery, P())
   count, top_i = kernel(query_dev, put(query_ids, P()), gallery_dev, put(gallery_ids, P()),
                         put(q_slots, P(axis)), put(g_slots, P(axis)), put(schedule, P(axis)))
-  count, top_i = _fetch(count)[:nq].astype(np.int64), _fetch(top_i)[:nq]
+  count, top_i = knn.fetch(count)[:nq].astype(np.int64), knn.fetch(top_i)[:nq]
 
   r = prob.num_positives
   has = r > 0
@@ -657,13 +526,13 @@ def kmeans(x, num_clusters: int, *, seed: int = 0, init: str | np.ndarray = "ran
   Returns:
     ``(assignments [N] int32, centres [C, D])``. Ties go to the lower centre index.
   """
-  x = _embeddings(x, "x")
+  x = knn.check_embeddings(x, "x")
   n = x.shape[0]
   if not 1 <= num_clusters <= n:
     raise ValueError(f"num_clusters must be between 1 and the number of points ({n}); "
                      f"got {num_clusters}.")
   chunk = max(1, min(chunk, n))
-  xp = np.zeros((_round_up(n, chunk), x.shape[1]), x.dtype)
+  xp = np.zeros((knn.round_up(n, chunk), x.shape[1]), x.dtype)
   xp[:n] = x
   xp = jnp.asarray(xp)
   if isinstance(init, str):
@@ -719,7 +588,7 @@ def clustering_metrics(emb, labels, *, num_clusters: int | None = None, seed: in
 
 def _to_host(x):
   if isinstance(x, jax.Array):
-    return _fetch(x)
+    return knn.fetch(x)
   return np.asarray(x)
 
 

@@ -47,6 +47,19 @@ def find_classes(root: str) -> list[tuple[str, list[str]]]:
   return found
 
 
+def find_images(root: str) -> list[str]:
+  """Every image file under ``root``, at any depth, as paths relative to ``root``.
+
+  The files ``find_classes`` finds (extensions ``IMAGE_EXTENSIONS`` in any case; hidden
+  files and folders skipped), with ``/`` separators, sorted by path components: a
+  folder's files and subfolders by name, each subfolder's whole tree at its place
+  (``a/b/c.png``, ``a/d.png``, ``a-b.png``).
+  """
+  paths = [f"{rel}/{f}" if rel != "." else f for rel, files in find_classes(root)
+           for f in files]
+  return sorted(paths, key=lambda p: p.split("/"))
+
+
 def load_folder(root, train_fraction: float = 0.5) -> records.Dataset:
   """The classes under ``root``: the first ``round(C * train_fraction)`` train, the rest test.
 

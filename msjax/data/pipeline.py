@@ -10,10 +10,15 @@ a step) reproduces an uninterrupted run.
 Evaluation: every image of a split exactly once, in order; the last batch is padded
 with blank images whose ``mask`` is False.
 
+With ``skip_unreadable`` (``python -m msjax.embed``), an image that cannot be read,
+decoded or cropped does not stop the pipeline: it is left blank with ``mask`` False, like
+padding, and ``unreadable_reason`` says why.
+
 Batches are dicts of NumPy arrays per process: ``image`` ``uint8 [b, S, S, 3]`` (RGB;
 ``transforms.normalize`` applies the backbone's convention on the device), ``label``
 ``int32 [b]``, ``index`` ``int64 [b]`` (the image's index in the split; -1 on padding)
-and, for evaluation, ``mask`` ``bool [b]``.
+and, for evaluation, ``mask`` ``bool [b]`` (False on padding and skipped images, whose
+label is -1).
 """
 
 from __future__ import annotations
@@ -41,8 +46,25 @@ def _load(split: Split, transform: ImageTransform, index: int, rng=None) -> np.n
   except OSError as e:
     raise ImageReadError(f"cannot read image {where}: {e.strerror or e}. Restore the file "
                          "or run python -m msjax.data check to list every missing "
-                         "image.") from None
+                         "image.",
+                         reason=f"cannot read the file: {e.strerror or e}") from None
   return transform(data, where, rng)
+
+
+def unreadable_reason(split: Split, transform: ImageTransform, index: int) -> str | None:
+  """Why image ``index`` of ``split`` cannot go through ``transform``; None if it can.
+
+  The reason names what is wrong with the file, not its path: it cannot be read, it is
+  not an image PIL decodes (a text file named ``.png``, a truncated JPEG), or it is
+  smaller than the center crop of a config without a resize.
+  """
+  try:
+    _load(split, transform, index)
+  except ImageReadError as e:
+    return e.reason
+  except DataError as e:  # the crop does not fit the image
+    return str(e)
+  return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,19 +98,26 @@ class _EvalBatch:
   global_batch_size: int
   process_index: int
   process_count: int
+  skip_unreadable: bool = False
 
   def __call__(self, b: int) -> dict:
     local = self.global_batch_size // self.process_count
     start = int(b) * self.global_batch_size + self.process_index * local
     indices = np.arange(start, start + local)
-    mask = indices < len(self.split)
+    present = indices < len(self.split)
+    mask = present.copy()
     s = self.transform.image_size
     images = np.zeros((local, s, s, 3), np.uint8)
-    for n in np.flatnonzero(mask):
-      images[n] = _load(self.split, self.transform, int(indices[n]))
+    for n in np.flatnonzero(present):
+      try:
+        images[n] = _load(self.split, self.transform, int(indices[n]))
+      except DataError:
+        if not self.skip_unreadable:
+          raise
+        mask[n] = False  # unreadable_reason(...) says why, outside the workers
     labels = np.where(mask, self.split.labels[np.minimum(indices, len(self.split) - 1)], -1)
     return {"image": images, "label": labels.astype(np.int32),
-            "index": np.where(mask, indices, -1), "mask": mask}
+            "index": np.where(present, indices, -1), "mask": mask}
 
 
 def _check_processes(batch_size: int, process_index: int | None, process_count: int | None):
@@ -151,13 +180,15 @@ def train_dataset(split: Split, sampler: PKSampler, transform: ImageTransform, *
 
 def eval_dataset(split: Split, transform: ImageTransform, *, batch_size: int,
                  num_workers: int = 0, num_threads: int = 2, prefetch: int = 2,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_index: int | None = None, process_count: int | None = None,
+                 skip_unreadable: bool = False) -> grain.IterDataset:
   """Every image of ``split`` once, in order, in global batches of ``batch_size``.
 
   Each process gets its contiguous slice of every global batch; the last batch is
   padded (blank images, label -1, ``mask`` False), so every batch has the same shape
-  and compiles once.
+  and compiles once. An image that cannot be loaded raises ``ImageReadError`` (or the
+  crop's ``DataError``), unless ``skip_unreadable``: then it is blank with label -1 and
+  ``mask`` False, its ``index`` kept, so a caller can tell it from padding and list it.
   """
   if transform.train:
     raise ValueError("evaluation takes a deterministic transform (train=False).")
@@ -165,7 +196,8 @@ def eval_dataset(split: Split, transform: ImageTransform, *, batch_size: int,
     raise DataError(f"the eval batch size must be positive; got {batch_size}.")
   process_index, process_count = _check_processes(batch_size, process_index, process_count)
   num_batches = -(-len(split) // batch_size)
-  load = _EvalBatch(split, transform, batch_size, process_index, process_count)
+  load = _EvalBatch(split, transform, batch_size, process_index, process_count,
+                    skip_unreadable)
   return _iterate(grain.MapDataset.range(num_batches).map(load),
                   num_workers, num_threads, prefetch)
 

@@ -29,7 +29,15 @@ CONVENTIONS = ("caffe_bgr", "imagenet_rgb")
 
 
 class ImageReadError(DataError):
-  """An image that cannot be read or decoded; the message names its path."""
+  """An image that cannot be read or decoded; the message names its path.
+
+  ``reason`` is what is wrong with the file alone, without its path or advice
+  (``"not an image format PIL can read"``), for listings that already name the file.
+  """
+
+  def __init__(self, message: str, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason or message
 
 
 def decode(data, where: str) -> Image.Image:
@@ -52,7 +60,7 @@ def decode(data, where: str) -> Image.Image:
            else f"{type(e).__name__}: {e}")
     raise ImageReadError(f"cannot decode image {where}: {why}. Re-download or remove the "
                          "file (python -m msjax.data check lists every unreadable "
-                         "image).") from None
+                         "image).", reason=why) from None
   if img.mode in ("I;16", "I;16B", "I;16L", "I"):
     # 16/32-bit grayscale: scale to 8 bits rather than clip (PIL's convert clips).
     arr = np.asarray(img, np.float64)

@@ -1,4 +1,5 @@
-"""GPW figures: pair weights against similarity, hyper-parameter sweeps, and telemetry.
+"""GPW figures: pair weights against similarity, hyper-parameter sweeps, telemetry, and
+retrieval examples (queries and their nearest neighbours).
 
     python -m msjax.plot --workdir runs/inshop-20261129-1200 [--out DIR]
 
@@ -23,6 +24,7 @@ LOSS_TITLES = {"ms": "Multi-Similarity", "binomial": "Binomial deviance",
 SWEEPS = {"alpha": (0.5, 2.0, 8.0), "beta": (10.0, 40.0, 100.0), "lam": (0.3, 0.5, 0.7),
           "epsilon": (0.0, 0.1, 0.3)}
 SYMBOLS = {"alpha": "α", "beta": "β", "lam": "λ", "epsilon": "ε"}
+SMALL_IMAGE = 64  # pixels a side: retrieval_figure enlarges an image this small or smaller
 
 
 def _pyplot():
@@ -179,6 +181,68 @@ def telemetry_figure(records: Sequence[Mapping], *, title: str = ""):
       ax.legend(fontsize=7, frameon=False, loc="best")
   if title:
     fig.suptitle(title)
+  return fig
+
+
+def _short(text, width: int = 24) -> str:
+  text = str(text)
+  return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _image_cell(ax, image, frame_color, frame_width):
+  """One picture of the retrieval grid: the image (a grey square without one), no ticks,
+  framed by the Axes' spines."""
+  if image is None:
+    ax.set_facecolor("#e6e6e6")
+    ax.set_aspect("equal")
+  else:
+    # A small image (the synthetic set's 32 px) is enlarged in every rendering: its pixels
+    # drawn as blocks stay sharp, and the PNG is half the size of a smoothed one. Larger
+    # images keep matplotlib's antialiased resampling.
+    small = max(image.shape[:2]) <= SMALL_IMAGE
+    ax.imshow(image, interpolation="nearest" if small else None)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  for spine in ax.spines.values():
+    spine.set_edgecolor(frame_color)
+    spine.set_linewidth(frame_width)
+
+
+def retrieval_figure(examples: analysis.RetrievalExamples, *, title: str = ""):
+  """One row per chosen query (``analysis.retrieval_examples``): the query image, then its
+  ``k`` nearest neighbours, most similar first, each framed green when it shares the
+  query's label and red when not, titled with its rank and similarity.
+
+  Each row's heading says whether its query is a random one or one of the worst
+  failures, and the rank of its first positive, counted from 1 like Recall@K's K: the query is a hit
+  for Recall@K exactly when that rank is at most K.
+  """
+  plt = _pyplot()
+  rows, k = examples.neighbour_index.shape
+  fig, axes = plt.subplots(rows, k + 1, figsize=(1.2 * (k + 1) + 0.5, 1.45 * rows + 0.7),
+                           squeeze=False, constrained_layout=True)
+  images = examples.images
+  for r in range(rows):
+    rank = int(examples.first_positive[r])
+    kind = "random query" if examples.kind[r] == "random" else "failure"
+    ax = axes[r, 0]
+    _image_cell(ax, None if images is None else images[r, 0], "#404040", 1.0)
+    ax.set_title(f"query {examples.query_index[r]}", fontsize=7)
+    ax.set_xlabel(_short(examples.query_class[r]), fontsize=6)
+    ax.set_ylabel(f"{kind}\nfirst positive\nat rank {rank + 1:,}", fontsize=7)
+    for j in range(k):
+      color = POS_COLOR if examples.matches[r, j] else NEG_COLOR
+      ax = axes[r, j + 1]
+      _image_cell(ax, None if images is None else images[r, j + 1], color, 3.0)
+      ax.set_title(f"#{j + 1}  {examples.similarity[r, j]:.3f}", fontsize=7, color=color)
+      ax.set_xlabel(_short(examples.neighbour_class[r, j]), fontsize=6)
+  searched = ("The queries search each other" if examples.symmetric
+              else "The queries search a separate gallery")
+  fig.supxlabel(f"Green frame: the query's class; red: another class. Above each "
+                f"neighbour: its rank and similarity.\n{searched}: "
+                f"{examples.num_gallery:,} items ranked per query.", fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
   return fig
 
 

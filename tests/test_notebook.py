@@ -7,7 +7,7 @@ import nbformat
 from PIL import Image
 
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "notebooks" / "gpw_analysis.ipynb"
-FIGURES = ("gpw_weights.png", "gpw_sweeps.png", "gpw_telemetry.png")
+FIGURES = ("gpw_weights.png", "gpw_sweeps.png", "gpw_telemetry.png", "retrieval.png")
 
 
 def _parameters_index(nb):
@@ -32,6 +32,7 @@ def test_notebook_runs_headless_on_a_fresh_machine(tmp_path):
   for loss in ("ms", "binomial", "lifted", "contrastive", "triplet"):
     assert f"\n{loss} " in text or text.startswith(f"{loss} ")
   assert "4 logged steps, 5–20" in text  # telemetry every 5 steps of the brief run
+  assert "random queries [" in text and "worst queries [" in text  # retrieval examples
 
 
 def test_committed_notebook_is_readable_without_running():

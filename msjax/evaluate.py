@@ -641,8 +641,13 @@ def format_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
 
 def write_json(path, payload: Mapping[str, Any]):
   """Writes JSON to a local or ``gs://`` path, replacing any old file only when complete."""
+  write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")  # fails first
+
+
+def write_text(path, text: str):
+  """Writes ``text`` to a local or ``gs://`` path through a temporary file beside it, so
+  a reader never sees half a file and an older one is replaced only when complete."""
   from etils import epath
-  text = json.dumps(payload, indent=2, sort_keys=True) + "\n"  # fails before touching files
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"

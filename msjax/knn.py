@@ -174,7 +174,7 @@ def top_k_from_group_maxima(queries, gallery, table, k, *, group, num_gallery,
   query, and the top k of them taken: ties go to the lower index.
 
   Args:
-    queries: ``[n, D]``; ``gallery``: ``[cols, D]`` (zero rows past ``num_gallery``).
+    queries: ``[n, D]``; ``gallery``: at least ``num_gallery`` rows of ``D``.
     table: ``[n, cols / group]`` group maxima (``group_max``).
   Returns:
     ``(indices [n, k] int32, similarities [n, k])``.

@@ -32,14 +32,13 @@ stderr and exit status 1; outputs are written whole or not at all.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from msjax import embed, knn, search_html
+from msjax import embed, evaluate, knn, search_html
 
 
 class SearchError(ValueError):
@@ -207,9 +206,9 @@ def _run(args) -> int:
     payload = {"collection": os.path.abspath(args.embeddings), "k": min(args.k, len(
         collection["embeddings"])), "model": {key: collection.get(key) for key in (
             "workdir", "step", "backbone", "embedding_dim")}, "queries": records}
-    search_html.write(args.out, json.dumps(payload, indent=1) + "\n")
+    evaluate.write_json(args.out, payload)
   if args.html:
-    search_html.write(args.html, html_page(records, collection, queries,
+    evaluate.write_text(args.html, html_page(records, collection, queries,
                                      title=f"msjax search: {os.path.basename(args.embeddings)}"))
   written = [p for p in (args.out, args.html) if p]
   print(f"{len(records)} queries, {len(records[0]['neighbours'])} neighbours each"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from typing import Sequence
 
 
@@ -102,13 +101,3 @@ def render(queries: Sequence[dict], *, title: str, subtitle: str = "") -> str:
     parts.append("</ol></section>")
   parts.append("</body></html>")
   return "\n".join(parts)
-
-
-def write(path: str | os.PathLike, text: str) -> None:
-  """Writes ``text`` (a page, or JSON) to ``path`` through a temporary file, so no half
-  file is left."""
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)

@@ -171,14 +171,6 @@ def _image_names(split) -> tuple[list[str], str]:
   return [split.images.describe(i) for i in range(len(split))], ""
 
 
-def _host(x) -> np.ndarray:
-  """A global array in full on this process (gathered from the others if need be)."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def embed_split(run: Run, split: Split, *, batch_size: int | None = None,
                 known_labels: bool = True, progress: bool = True, log=None) -> Embeddings:
   """Embeds every image of ``split`` with ``run`` (``analysis.load_run``), in order.
@@ -202,7 +194,7 @@ def embed_split(run: Run, split: Split, *, batch_size: int | None = None,
 
   from msjax import data as data_lib
   from msjax import evaluate as evaluate_lib
-  from msjax import metric_writers, train
+  from msjax import knn, metric_writers, train
   from msjax.data import pipeline
 
   d = run.config.data
@@ -231,7 +223,7 @@ def embed_split(run: Run, split: Split, *, batch_size: int | None = None,
       placed = data_lib.to_global(batch, run.mesh)
       yield placed  # evaluate.embed embeds it (and fetches the result) before resuming
       start = b * batch_size
-      mask = _host(placed["mask"])[:n - start]  # the real images, padding cut off
+      mask = knn.fetch(placed["mask"])[:n - start]  # the real images, padding cut off
       kept.extend((start + np.flatnonzero(mask)).tolist())
       for i in (start + np.flatnonzero(~mask)).tolist():
         # Rare, so the reason is found again here rather than carried in every batch,

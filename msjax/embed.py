@@ -410,13 +410,13 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except Exception as e:  # noqa: BLE001 - a user's mistake as one line, not a traceback
-    if not _is_input_error(e):
+    if not is_input_error(e):
       raise
     print(f"error: {e}", file=sys.stderr)
     return 1
 
 
-def _is_input_error(e: Exception) -> bool:
+def is_input_error(e: Exception) -> bool:
   """Whether ``e`` reports bad input (a dataset, config or checkpoint problem) whose
   message says what to fix, rather than a bug that needs its traceback."""
   from msjax.checkpoint import CheckpointError

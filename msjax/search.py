@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except Exception as e:  # noqa: BLE001 - a user's mistake as one line, not a traceback
-    if not embed._is_input_error(e):
+    if not embed.is_input_error(e):
       raise
     print(f"error: {e}", file=sys.stderr)
     return 1

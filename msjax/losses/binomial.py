@@ -17,23 +17,24 @@ import jax.numpy as jnp
 from msjax.losses import gpw
 
 
-def _prepare(sim, labels, ref_labels, anchor_index, batch_size, alpha, beta, self_pair, name):
+def _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, alpha, beta,
+             self_pair, name):
   gpw.check_positive(name, alpha=alpha, beta=beta)
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
   return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                           batch_size=batch_size, loss_name=name)
+                           ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
 
 
 def _per_anchor_mean(x, mask):
   return jnp.sum(jnp.where(mask, x, 0.0), axis=-1) / jnp.maximum(gpw.row_count(mask), 1)
 
 
-def binomial_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=50.0,
-                  lam=0.5, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
-                  batch_size=None):
+def binomial_loss(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                  alpha=2.0, beta=50.0, lam=0.5, self_pair="value",
+                  self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """Binomial deviance loss (formula in the module docstring). Returns a scalar."""
-  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, alpha, beta, self_pair,
-                   "binomial_loss")
+  pairs = _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, alpha,
+                   beta, self_pair, "binomial_loss")
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   s = pairs.sim
   per_anchor = (_per_anchor_mean(jax.nn.softplus(-alpha * (s - lam)), pos) / alpha
@@ -41,12 +42,12 @@ def binomial_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0,
   return jnp.sum(per_anchor) / pairs.batch_size
 
 
-def binomial_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0,
-                     beta=50.0, lam=0.5, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
-                     batch_size=None):
+def binomial_weights(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                     alpha=2.0, beta=50.0, lam=0.5, self_pair="value",
+                     self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """Analytic ``∂binomial_loss/∂S``: ``w⁻`` on negatives, ``−w⁺`` on positives, each /m."""
-  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, alpha, beta, self_pair,
-                   "binomial_weights")
+  pairs = _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, alpha,
+                   beta, self_pair, "binomial_weights")
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   s = pairs.sim
   w_pos = 1.0 / (jnp.exp(alpha * (s - lam)) + 1.0)

@@ -13,20 +13,21 @@ import jax.numpy as jnp
 from msjax.losses import gpw
 
 
-def _prepare(sim, labels, ref_labels, anchor_index, batch_size, self_pair, name):
+def _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, self_pair, name):
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
   return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                           batch_size=batch_size, loss_name=name)
+                           ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
 
 
-def contrastive_loss(sim, labels, *, ref_labels=None, anchor_index=None, lam=0.5,
-                     self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+def contrastive_loss(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                     lam=0.5, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                     batch_size=None):
   """Contrastive loss (formula in the module docstring); ``lam`` is the negative margin λ.
 
   Shapes and the shared keywords (``ref_labels``, ``anchor_index``, ``self_pair``,
   ``self_threshold``, ``batch_size``) are as in ``ms_loss``. Returns a scalar.
   """
-  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, self_pair,
+  pairs = _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, self_pair,
                    "contrastive_loss")
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   s = pairs.sim
@@ -36,10 +37,11 @@ def contrastive_loss(sim, labels, *, ref_labels=None, anchor_index=None, lam=0.5
   return total / pairs.batch_size
 
 
-def contrastive_weights(sim, labels, *, ref_labels=None, anchor_index=None, lam=0.5,
-                        self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+def contrastive_weights(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                        lam=0.5, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                        batch_size=None):
   """Analytic ``∂contrastive_loss/∂S``: ``−1/m`` on positives, ``+1/m`` on negatives with S > λ."""
-  pairs = _prepare(sim, labels, ref_labels, anchor_index, batch_size, self_pair,
+  pairs = _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, self_pair,
                    "contrastive_weights")
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   w_neg = (neg & (pairs.sim > lam)).astype(pairs.sim.dtype)

@@ -34,22 +34,26 @@ class _Spec:
   batch_size: int
   precision: Any
   default_anchors: bool = True  # square batch with anchor i in column i
+  ref_grad: bool = True  # False: the references are constants (a cross-batch memory)
 
   def similarity(self, q, r):
     dtype = gpw.compute_dtype(jnp.result_type(q, r))
     return jnp.matmul(q, r.T, precision=self.precision, preferred_element_type=dtype)
 
-  def value(self, sim, labels, ref_labels, anchor_index):
-    return registry.get(self.name).loss(sim, labels, **self._kwargs(ref_labels, anchor_index))
+  def value(self, sim, labels, ref_labels, anchor_index, ref_valid=None):
+    kwargs = self._kwargs(ref_labels, anchor_index, ref_valid)
+    return registry.get(self.name).loss(sim, labels, **kwargs)
 
-  def weights(self, sim, labels, ref_labels, anchor_index):
-    return registry.get(self.name).weights(sim, labels, **self._kwargs(ref_labels, anchor_index))
+  def weights(self, sim, labels, ref_labels, anchor_index, ref_valid=None):
+    kwargs = self._kwargs(ref_labels, anchor_index, ref_valid)
+    return registry.get(self.name).weights(sim, labels, **kwargs)
 
-  def value_and_weights(self, sim, labels, ref_labels, anchor_index):
+  def value_and_weights(self, sim, labels, ref_labels, anchor_index, ref_valid=None):
     if self.name == "ms":  # one set of row statistics serves both
-      return ms.ms_value_and_weights(sim, labels, **self._kwargs(ref_labels, anchor_index))
-    return (self.value(sim, labels, ref_labels, anchor_index),
-            self.weights(sim, labels, ref_labels, anchor_index))
+      kwargs = self._kwargs(ref_labels, anchor_index, ref_valid)
+      return ms.ms_value_and_weights(sim, labels, **kwargs)
+    return (self.value(sim, labels, ref_labels, anchor_index, ref_valid),
+            self.weights(sim, labels, ref_labels, anchor_index, ref_valid))
 
   def value_and_symmetric_weights(self, sim, labels, anchor_index):
     """``(L, W + Wᵀ)`` on the square batch; MS forms ``W + Wᵀ`` without a transpose."""
@@ -60,9 +64,9 @@ class _Spec:
     value, weights = self.value_and_weights(sim, labels, labels, anchor_index)
     return value, weights + weights.T
 
-  def _kwargs(self, ref_labels, anchor_index):
+  def _kwargs(self, ref_labels, anchor_index, ref_valid=None):
     return dict(self.hparams, ref_labels=ref_labels, anchor_index=anchor_index,
-                batch_size=self.batch_size)
+                ref_valid=ref_valid, batch_size=self.batch_size)
 
   def matmul(self, a, b):
     return jnp.matmul(a, b, precision=self.precision)
@@ -92,21 +96,24 @@ _square.defvjp(_square_fwd, _square_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rect(spec, q, r, labels, ref_labels, anchor_index):
-  return spec.value(spec.similarity(q, r), labels, ref_labels, anchor_index)
+def _rect(spec, q, r, labels, ref_labels, anchor_index, ref_valid):
+  return spec.value(spec.similarity(q, r), labels, ref_labels, anchor_index, ref_valid)
 
 
-def _rect_fwd(spec, q, r, labels, ref_labels, anchor_index):
+def _rect_fwd(spec, q, r, labels, ref_labels, anchor_index, ref_valid):
   value, weights = spec.value_and_weights(spec.similarity(q, r), labels, ref_labels,
-                                          anchor_index)
+                                          anchor_index, ref_valid)
   return value, (weights, q, r)
 
 
 def _rect_bwd(spec, residuals, g):
   weights, q, r = residuals
   d_q = spec.matmul(weights, r.astype(weights.dtype))
-  d_r = spec.matmul(weights.T, q.astype(weights.dtype))
-  return (g * d_q).astype(q.dtype), (g * d_r).astype(r.dtype), None, None, None
+  if spec.ref_grad:
+    d_r = (g * spec.matmul(weights.T, q.astype(weights.dtype))).astype(r.dtype)
+  else:  # constant references: their B×Br×D matmul is never formed
+    d_r = jnp.zeros_like(r)
+  return (g * d_q).astype(q.dtype), d_r, None, None, None, None
 
 
 _rect.defvjp(_rect_fwd, _rect_bwd)
@@ -140,27 +147,33 @@ def _over_row_blocks(step, carry, block_size, q, labels, anchor_index):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _blocked(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_index):
+def _blocked(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_index, ref_valid):
   def step(carry, xs):
     q_b, labels_b, index_b = xs
-    return carry, spec.value(spec.similarity(q_b, r), labels_b, ref_labels, index_b)
+    return carry, spec.value(spec.similarity(q_b, r), labels_b, ref_labels, index_b,
+                             ref_valid)
 
   _, outs = _over_row_blocks(step, None, block_size, q, labels, anchor_index)
   return sum(jnp.sum(o) for o in outs)
 
 
-def _blocked_fwd(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_index):
+def _blocked_fwd(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_index,
+                 ref_valid):
   r_c = r.astype(gpw.compute_dtype(r.dtype))
 
   def step(d_r, xs):
     q_b, labels_b, index_b = xs
     value, weights = spec.value_and_weights(spec.similarity(q_b, r), labels_b, ref_labels,
-                                            index_b)
-    d_r = d_r + spec.matmul(weights.T, q_b.astype(weights.dtype))
+                                            index_b, ref_valid)
+    if spec.ref_grad:
+      d_r = d_r + spec.matmul(weights.T, q_b.astype(weights.dtype))
     return d_r, (value, spec.matmul(weights, r_c))
 
-  d_r, outs = _over_row_blocks(step, jnp.zeros_like(r_c), block_size, q, labels,
-                               anchor_index)
+  # Constant references carry a scalar instead of an [Br, D] gradient through the scan.
+  init = jnp.zeros_like(r_c) if spec.ref_grad else jnp.zeros((), r_c.dtype)
+  d_r, outs = _over_row_blocks(step, init, block_size, q, labels, anchor_index)
+  if not spec.ref_grad:
+    d_r = jnp.zeros_like(r_c)
   value = sum(jnp.sum(v) for v, _ in outs)
   d_q = jnp.concatenate([dq.reshape(-1, q.shape[1]) for _, dq in outs], axis=0)
   return value, (d_q, d_r)
@@ -168,7 +181,7 @@ def _blocked_fwd(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_inde
 
 def _blocked_bwd(spec, block_size, dtypes, residuals, g):
   (d_q, d_r), (q_dtype, r_dtype) = residuals, dtypes
-  return (g * d_q).astype(q_dtype), (g * d_r).astype(r_dtype), None, None, None
+  return (g * d_q).astype(q_dtype), (g * d_r).astype(r_dtype), None, None, None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
@@ -178,7 +191,8 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_labels=None,
-                              anchor_index=None, block_size=None, batch_size=None,
+                              anchor_index=None, ref_valid=None, ref_grad=True,
+                              block_size=None, batch_size=None,
                               precision=jax.lax.Precision.HIGHEST, **hparams):
   """``loss(emb @ ref_embᵀ, labels, ...)`` with its analytic GPW weights as the gradient.
 
@@ -191,6 +205,10 @@ def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_label
       square batch, where ``ref_emb = emb``.
     anchor_index: ``[Bq]`` each anchor's row in ``ref_emb``, ``-1`` for none; defaults
       as in the similarity-level losses.
+    ref_valid: ``[Br]`` booleans, False for rows of ``ref_emb`` that hold no reference
+      (unfilled cross-batch memory slots); ``None`` for all. Only with ``ref_emb``.
+    ref_grad: False treats ``ref_emb`` as a constant (a cross-batch memory): its
+      gradient is zero and its ``Bq×Br×D`` matmul is never formed.
     block_size: evaluate anchors in row blocks of this many rows (peak memory
       O(block_size × Br)); ``None`` for one block. Blocking costs one extra
       ``B×B×D`` matmul on the square batch (3 instead of 2).
@@ -218,11 +236,12 @@ def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_label
   if batch_size is None:
     batch_size = emb.shape[0]
   spec = _Spec(loss, tuple(sorted(hparams.items())), batch_size, precision,
-               default_anchors=anchor_index is None)
+               default_anchors=anchor_index is None, ref_grad=bool(ref_grad))
 
   if ref_emb is None:
-    if ref_labels is not None:
-      raise ValueError("msjax.losses.pair_loss_from_embeddings: `ref_labels` given without `ref_emb`.")
+    if ref_labels is not None or ref_valid is not None:
+      raise ValueError("msjax.losses.pair_loss_from_embeddings: `ref_labels` or "
+                       "`ref_valid` given without `ref_emb`.")
     if anchor_index is None:
       anchor_index = jnp.arange(emb.shape[0], dtype=jnp.int32)
     # Validate shapes and hyper-parameters once, on an abstract similarity block.
@@ -230,7 +249,8 @@ def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_label
                    jax.ShapeDtypeStruct((emb.shape[0],) * 2, gpw.compute_dtype(emb.dtype)))
     if block_size is None or block_size >= emb.shape[0]:
       return _square(spec, emb, labels, anchor_index)
-    return _blocked(spec, int(block_size), (emb.dtype,) * 2, emb, emb, labels, labels, anchor_index)
+    return _blocked(spec, int(block_size), (emb.dtype,) * 2, emb, emb, labels, labels,
+                    anchor_index, None)
 
   ref_emb = jnp.asarray(ref_emb)
   if ref_labels is None:
@@ -243,12 +263,13 @@ def pair_loss_from_embeddings(emb, labels, *, loss="ms", ref_emb=None, ref_label
   if anchor_index is None:
     anchor_index = jnp.full((emb.shape[0],), -1, dtype=jnp.int32)
   anchor_index = jnp.asarray(anchor_index)
-  jax.eval_shape(lambda s: spec.value(s, labels, ref_labels, anchor_index),
+  jax.eval_shape(lambda s: spec.value(s, labels, ref_labels, anchor_index, ref_valid),
                  jax.ShapeDtypeStruct((emb.shape[0], ref_emb.shape[0]),
                                       gpw.compute_dtype(emb.dtype)))
   if block_size is None or block_size >= emb.shape[0]:
-    return _rect(spec, emb, ref_emb, labels, ref_labels, anchor_index)
-  return _blocked(spec, int(block_size), (emb.dtype, ref_emb.dtype), emb, ref_emb, labels, ref_labels, anchor_index)
+    return _rect(spec, emb, ref_emb, labels, ref_labels, anchor_index, ref_valid)
+  return _blocked(spec, int(block_size), (emb.dtype, ref_emb.dtype), emb, ref_emb, labels,
+                  ref_labels, anchor_index, ref_valid)
 
 
 def ms_loss_from_embeddings(emb, labels, *, block_size=None, **kwargs):

@@ -5,7 +5,9 @@ anchor rows ``i`` (labels ``labels[i]``) and reference columns ``j`` (labels
 ``ref_labels[j]``). The square batch is the special case ``ref_labels = labels`` with
 anchor ``i`` sitting in column ``i``; the rectangular form (anchors against gathered
 embeddings, row blocks, cross-batch memory) says where each anchor's own column is with
-``anchor_index[i]`` (``-1`` when the anchor is not among the references).
+``anchor_index[i]`` (``-1`` when the anchor is not among the references), and which
+columns hold a reference at all with ``ref_valid[j]`` (a cross-batch memory that is not
+yet full: an unfilled slot is neither a positive nor a negative of any anchor).
 
 GPW (Wang et al., CVPR 2019, Sec. 3) reads a loss through its pair weights
 ``∂L/∂S_ij``: ``w⁻_ij = ∂L/∂S_ij >= 0`` on negatives and ``w⁺_ij = -∂L/∂S_ij >= 0`` on
@@ -25,7 +27,9 @@ import jax.numpy as jnp
 # The released code drops the self pair by value: a positive with S >= 1 - 1e-5 is taken
 # to be the anchor itself (and so are exact duplicates of it).
 SELF_THRESHOLD = 1.0 - 1e-5
-SELF_PAIR_MODES = ("value", "index")
+# "both" drops the anchor's own column and every same-label column with S >= threshold:
+# the cross-batch memory's rule, where the anchor's fresh copy may be stored in bfloat16.
+SELF_PAIR_MODES = ("value", "index", "both")
 
 
 class Pairs(NamedTuple):
@@ -36,6 +40,7 @@ class Pairs(NamedTuple):
   ref_labels: jax.Array  # [Br]
   anchor_index: jax.Array  # [Bq] int, -1 where the anchor is not a reference column
   batch_size: int  # the m the per-anchor sum is divided by
+  ref_valid: jax.Array | None = None  # [Br] bool, False for an empty column; None: all
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -50,6 +55,7 @@ def prepare_pairs(
     ref_labels=None,
     anchor_index=None,
     batch_size=None,
+    ref_valid=None,
     loss_name: str = "loss",
 ) -> Pairs:
   """Checks shapes at trace time and fills in the square-batch defaults.
@@ -63,6 +69,9 @@ def prepare_pairs(
       Defaults to ``arange(B)`` for the square batch and to ``-1`` otherwise.
     batch_size: the ``m`` of ``1/m Σ_i``; defaults to ``Bq``. A sharded loss passes the
       global batch size so that the per-device sums add up to the global loss.
+    ref_valid: ``[Br]`` booleans, False for a column that holds no reference (an unfilled
+      cross-batch memory slot): it is neither a positive nor a negative. ``None``: every
+      column is a reference.
     loss_name: used in error messages.
   """
   sim = jnp.asarray(sim)
@@ -105,7 +114,14 @@ def prepare_pairs(
     batch_size = num_q
   if not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
     raise ValueError(f"{where}: `batch_size` must be a positive Python int, got {batch_size!r}.")
-  return Pairs(sim.astype(compute_dtype(sim.dtype)), labels, ref_labels, anchor_index, int(batch_size))
+  if ref_valid is not None:
+    ref_valid = jnp.asarray(ref_valid)
+    if ref_valid.shape != (num_r,) or ref_valid.dtype != jnp.bool_:
+      raise ValueError(
+          f"{where}: `ref_valid` must be a boolean array of shape ({num_r},), one per "
+          f"column of `sim` {sim.shape}, got {ref_valid.dtype} {ref_valid.shape}.")
+  return Pairs(sim.astype(compute_dtype(sim.dtype)), labels, ref_labels, anchor_index,
+               int(batch_size), ref_valid)
 
 
 def _check_bound(loss_name: str, values: dict, ok, bound: str) -> None:
@@ -139,17 +155,24 @@ def pair_masks(pairs: Pairs, *, self_pair: str = "value", self_threshold: float 
   Positives share the anchor's label and are not the anchor itself; negatives have a
   different label. ``self_pair='value'`` (released code) drops every same-label column
   with ``S >= self_threshold`` (the anchor and its exact duplicates);
-  ``self_pair='index'`` drops only the anchor's own column ``anchor_index[i]``.
+  ``self_pair='index'`` drops only the anchor's own column ``anchor_index[i]``;
+  ``self_pair='both'`` drops both. Columns with ``ref_valid`` False are in neither mask.
   """
   same = pairs.labels[:, None] == pairs.ref_labels[None, :]
+  by_value = pairs.sim < self_threshold
+  by_index = jnp.arange(pairs.sim.shape[1])[None, :] != pairs.anchor_index[:, None]
   if self_pair == "value":
-    not_self = pairs.sim < self_threshold
+    not_self = by_value
   elif self_pair == "index":
-    cols = jnp.arange(pairs.sim.shape[1])
-    not_self = cols[None, :] != pairs.anchor_index[:, None]
+    not_self = by_index
+  elif self_pair == "both":
+    not_self = by_value & by_index
   else:
     raise ValueError(f"`self_pair` must be one of {SELF_PAIR_MODES}, got {self_pair!r}.")
-  return same & not_self, ~same
+  pos, neg = same & not_self, ~same
+  if pairs.ref_valid is not None:
+    pos, neg = pos & pairs.ref_valid[None, :], neg & pairs.ref_valid[None, :]
+  return pos, neg
 
 
 def masked_log_sum_exp(x, mask, *, plus_one: bool):

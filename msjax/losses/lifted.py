@@ -16,12 +16,12 @@ import jax.numpy as jnp
 from msjax.losses import gpw
 
 
-def _terms(sim, labels, ref_labels, anchor_index, batch_size, lam, scale, self_pair,
-           self_threshold, name):
+def _terms(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, lam, scale,
+           self_pair, self_threshold, name):
   gpw.check_positive(name, scale=scale)
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                            batch_size=batch_size, loss_name=name)
+                            ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   s = pairs.sim
   inner = (lam + gpw.masked_log_sum_exp(-scale * s, pos, plus_one=False) / scale
@@ -32,19 +32,23 @@ def _terms(sim, labels, ref_labels, anchor_index, batch_size, lam, scale, self_p
   return pairs, pos, neg, inner, active
 
 
-def lifted_loss(sim, labels, *, ref_labels=None, anchor_index=None, lam=1.0, scale=1.0,
-                self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+def lifted_loss(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None, lam=1.0,
+                scale=1.0, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                batch_size=None):
   """Lifted structure loss (formula in the module docstring). Returns a scalar."""
-  pairs, _, _, inner, active = _terms(sim, labels, ref_labels, anchor_index, batch_size, lam,
-                                      scale, self_pair, self_threshold, "lifted_loss")
+  pairs, _, _, inner, active = _terms(sim, labels, ref_labels, anchor_index, ref_valid,
+                                      batch_size, lam, scale, self_pair, self_threshold,
+                                      "lifted_loss")
   return jnp.sum(jnp.where(active, inner, 0.0)) / pairs.batch_size
 
 
-def lifted_weights(sim, labels, *, ref_labels=None, anchor_index=None, lam=1.0, scale=1.0,
-                   self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+def lifted_weights(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                   lam=1.0, scale=1.0, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                   batch_size=None):
   """Analytic ``∂lifted_loss/∂S``: softmax weights on anchors whose hinge is active, /m."""
-  pairs, pos, neg, _, active = _terms(sim, labels, ref_labels, anchor_index, batch_size, lam,
-                                      scale, self_pair, self_threshold, "lifted_weights")
+  pairs, pos, neg, _, active = _terms(sim, labels, ref_labels, anchor_index, ref_valid,
+                                      batch_size, lam, scale, self_pair, self_threshold,
+                                      "lifted_weights")
   s = pairs.sim
   w_neg = gpw.masked_softmax(scale * s, neg, plus_one=False)
   w_pos = gpw.masked_softmax(-scale * s, pos, plus_one=False)

@@ -60,27 +60,27 @@ def ms_preset(name: str) -> dict:
   return dict(MS_PRESETS[name])
 
 
-def _candidates(name, sim, labels, ref_labels, anchor_index, batch_size, epsilon, self_pair,
-                self_threshold):
+def _candidates(name, sim, labels, ref_labels, anchor_index, ref_valid, batch_size, epsilon,
+                self_pair, self_threshold):
   """Checks the inputs: ``(pairs, candidate positives, candidate negatives)``."""
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
   gpw.check_non_negative(name, epsilon=epsilon)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                            batch_size=batch_size, loss_name=name)
+                            ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   return pairs, pos, neg
 
 
-def _select(name, sim, labels, *, ref_labels, anchor_index, batch_size, epsilon, mining,
-            self_pair, self_threshold):
+def _select(name, sim, labels, *, ref_labels, anchor_index, ref_valid, batch_size, epsilon,
+            mining, self_pair, self_threshold):
   """Checks the inputs and runs step 1: ``(pairs, pos_mined, neg_mined, active)``.
 
   ``active[i]`` says anchor i has both a mined positive and a mined negative. This is the
   plain form that ``ms_loss`` (the autodiff reference) uses; ``_row_stats`` is the fused
   form behind ``ms_weights``.
   """
-  pairs, pos, neg = _candidates(name, sim, labels, ref_labels, anchor_index, batch_size,
-                                epsilon, self_pair, self_threshold)
+  pairs, pos, neg = _candidates(name, sim, labels, ref_labels, anchor_index, ref_valid,
+                                batch_size, epsilon, self_pair, self_threshold)
   s = jax.lax.stop_gradient(pairs.sim)
   inf = jnp.asarray(jnp.inf, s.dtype)
   # An anchor with no positive has min = +inf: no negative passes, so it contributes 0.
@@ -96,8 +96,8 @@ def _check_weighting(name, alpha, beta, weighting):
   gpw.check_choice(name, "weighting", weighting, WEIGHTINGS)
 
 
-def ms_mining(sim, labels, *, ref_labels=None, anchor_index=None, epsilon=0.1, mining=True,
-              self_pair="value", self_threshold=gpw.SELF_THRESHOLD):
+def ms_mining(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None, epsilon=0.1,
+              mining=True, self_pair="value", self_threshold=gpw.SELF_THRESHOLD):
   """The MS selection: ``(pos_mined, neg_mined, active)``, ``[Bq, Br]``, ``[Bq, Br]``, ``[Bq]``.
 
   ``active[i]`` is False where anchor i's mined positives or mined negatives are empty
@@ -105,13 +105,13 @@ def ms_mining(sim, labels, *, ref_labels=None, anchor_index=None, epsilon=0.1, m
   """
   _, pos, neg, active = _select(
       "ms_mining", sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-      batch_size=None, epsilon=epsilon, mining=mining, self_pair=self_pair,
+      ref_valid=ref_valid, batch_size=None, epsilon=epsilon, mining=mining, self_pair=self_pair,
       self_threshold=self_threshold)
   return pos, neg, active
 
 
-def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=40.0,
-            lam=0.5, epsilon=0.1, mining=True, weighting="ms", self_pair="value",
+def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None, alpha=2.0,
+            beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms", self_pair="value",
             self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """Multi-Similarity loss on a similarity block (formula in the module docstring).
 
@@ -120,6 +120,8 @@ def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=
     labels: ``[Bq]`` anchor labels.
     ref_labels: ``[Br]`` reference labels; ``None`` for the square batch.
     anchor_index: ``[Bq]`` each anchor's own column, ``-1`` for none (see ``gpw``).
+    ref_valid: ``[Br]`` booleans, False for an empty column (an unfilled cross-batch
+      memory slot, neither positive nor negative); ``None`` for all valid.
     alpha, beta: positive and negative scales (``scale_pos``, ``scale_neg``).
     lam: the similarity threshold λ (``thresh``).
     epsilon: the mining margin ε (``margin``).
@@ -139,7 +141,7 @@ def ms_loss(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=
   _check_weighting("ms_loss", alpha, beta, weighting)
   pairs, pos, neg, active = _select(
       "ms_loss", sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-      batch_size=batch_size, epsilon=epsilon, mining=mining, self_pair=self_pair,
+      ref_valid=ref_valid, batch_size=batch_size, epsilon=epsilon, mining=mining, self_pair=self_pair,
       self_threshold=self_threshold)
   s = pairs.sim
   x_pos = -alpha * (s - lam)
@@ -260,7 +262,7 @@ def _row_stats(s, pos, neg, *, alpha, beta, lam, epsilon, mining, weighting):
 
 def _pair_weights(s, same, not_self, stats, *, alpha, beta, lam, epsilon, mining, weighting):
   """``∂L/∂S_ij · m`` elementwise from the anchor's row statistics (closed forms)."""
-  pos, neg = _mine(s, same & not_self, ~same, stats.min_pos, stats.max_neg, epsilon, mining)
+  pos, neg = _mine(s, same & not_self, ~same & not_self, stats.min_pos, stats.max_neg, epsilon, mining)
   x = jnp.where(same, -alpha * (s - lam), beta * (s - lam))
   if weighting in ("ms", "lifted"):
     w = jnp.exp(x - jnp.where(same, stats.log_norm_pos, stats.log_norm_neg))
@@ -274,13 +276,13 @@ def _pair_weights(s, same, not_self, stats, *, alpha, beta, lam, epsilon, mining
   return jnp.where(neg, w, 0.0) - jnp.where(pos, w, 0.0)
 
 
-def _fused(name, sim, labels, *, ref_labels, anchor_index, alpha, beta, lam, epsilon, mining,
+def _fused(name, sim, labels, *, ref_labels, anchor_index, ref_valid, alpha, beta, lam, epsilon, mining,
            weighting, self_pair, self_threshold, batch_size, symmetric):
   """``(loss, W)``, or ``(loss, W + Wᵀ)`` for a symmetric square S, from one row-stats pass."""
   hp = dict(alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining, weighting=weighting)
   _check_weighting(name, alpha, beta, weighting)
-  pairs, pos, neg = _candidates(name, sim, labels, ref_labels, anchor_index, batch_size,
-                                epsilon, self_pair, self_threshold)
+  pairs, pos, neg = _candidates(name, sim, labels, ref_labels, anchor_index, ref_valid,
+                                batch_size, epsilon, self_pair, self_threshold)
   stats = _row_stats(pairs.sim, pos, neg, **hp)
   same = pairs.labels[:, None] == pairs.ref_labels[None, :]
   weights = _pair_weights(pairs.sim, same, pos | neg, stats, **hp)
@@ -290,8 +292,8 @@ def _fused(name, sim, labels, *, ref_labels, anchor_index, alpha, beta, lam, eps
   return jnp.sum(stats.value) / pairs.batch_size, weights / pairs.batch_size
 
 
-def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, beta=40.0,
-               lam=0.5, epsilon=0.1, mining=True, weighting="ms", self_pair="value",
+def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None, alpha=2.0,
+               beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms", self_pair="value",
                self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """Analytic ``∂ms_loss/∂S``, ``[Bq, Br]``, from the closed-form GPW weights.
 
@@ -306,17 +308,17 @@ def ms_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0, be
   sum; ``none``: 1. Same arguments as ``ms_loss``.
   """
   return _fused("ms_weights", sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining,
+                ref_valid=ref_valid, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon, mining=mining,
                 weighting=weighting, self_pair=self_pair, self_threshold=self_threshold,
                 batch_size=batch_size, symmetric=False)[1]
 
 
-def ms_value_and_weights(sim, labels, *, ref_labels=None, anchor_index=None, alpha=2.0,
-                         beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms",
+def ms_value_and_weights(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                         alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms",
                          self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
   """``(ms_loss, ms_weights)`` from one set of row statistics (what a fused step needs)."""
   return _fused("ms_value_and_weights", sim, labels, ref_labels=ref_labels,
-                anchor_index=anchor_index, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon,
+                anchor_index=anchor_index, ref_valid=ref_valid, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon,
                 mining=mining, weighting=weighting, self_pair=self_pair,
                 self_threshold=self_threshold, batch_size=batch_size, symmetric=False)
 
@@ -334,6 +336,6 @@ def ms_value_and_symmetric_weights(sim, labels, *, alpha=2.0, beta=40.0, lam=0.5
   rounding of the weights otherwise. ``anchor_index`` must be ``arange(B)`` or None.
   """
   return _fused("ms_value_and_symmetric_weights", sim, labels, ref_labels=None,
-                anchor_index=anchor_index, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon,
+                anchor_index=anchor_index, ref_valid=None, alpha=alpha, beta=beta, lam=lam, epsilon=epsilon,
                 mining=mining, weighting=weighting, self_pair=self_pair,
                 self_threshold=self_threshold, batch_size=batch_size, symmetric=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Callable
 
 from msjax.losses.binomial import binomial_loss, binomial_weights
 from msjax.losses.contrastive import contrastive_loss, contrastive_weights
@@ -11,11 +12,21 @@ from msjax.losses.ms import ms_loss, ms_weights
 from msjax.losses.triplet import triplet_loss, triplet_weights
 
 
-class PairLoss(NamedTuple):
-  """A pair loss ``loss(sim, labels, **kw) -> scalar`` and its analytic ``∂loss/∂sim``."""
+@dataclasses.dataclass(frozen=True)
+class PairLoss:
+  """A pair loss ``loss(sim, labels, **kw) -> scalar`` and its analytic ``∂loss/∂sim``.
+
+  ``rectangular`` says the loss takes any reference columns (``ref_labels``,
+  ``anchor_index``, ``ref_valid``), which row blocks, the sharded global batch and the
+  cross-batch memory need. It unpacks as ``loss, weights = get(name)``.
+  """
 
   loss: Callable
   weights: Callable
+  rectangular: bool = True
+
+  def __iter__(self):
+    return iter((self.loss, self.weights))
 
 
 _REGISTRY = {

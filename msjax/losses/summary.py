@@ -19,7 +19,7 @@ class PairSelection(NamedTuple):
 
 
 def pair_selection(sim, labels, *, loss="ms", ref_labels=None, anchor_index=None,
-                   **hparams) -> PairSelection:
+                   ref_valid=None, **hparams) -> PairSelection:
   """The loss's weights, its candidate pairs and its selection for one similarity block.
 
   For ``loss="ms"`` the selection is the MS mining (step 1 of the released algorithm), so
@@ -29,26 +29,29 @@ def pair_selection(sim, labels, *, loss="ms", ref_labels=None, anchor_index=None
   ``w`` of the paper instead of ``w/m``).
   """
   weights = registry.get(loss).weights(sim, labels, ref_labels=ref_labels,
-                                       anchor_index=anchor_index, **hparams)
+                                       anchor_index=anchor_index, ref_valid=ref_valid,
+                                       **hparams)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                            loss_name="pair_selection")
+                            ref_valid=ref_valid, loss_name="pair_selection")
   mask_kw = {k: hparams[k] for k in ("self_pair", "self_threshold") if k in hparams}
   pos, neg = gpw.pair_masks(pairs, **mask_kw)
   if loss == "ms":
     mining_kw = {k: hparams[k] for k in ("epsilon", "mining") if k in hparams}
     pos_mined, neg_mined, _ = ms.ms_mining(sim, labels, ref_labels=ref_labels,
-                                           anchor_index=anchor_index, **mask_kw, **mining_kw)
+                                           anchor_index=anchor_index, ref_valid=ref_valid,
+                                           **mask_kw, **mining_kw)
     selected = pos_mined | neg_mined
   else:
     selected = weights != 0
   return PairSelection(weights, pos, neg, selected)
 
 
-def batch_gpw_summary(sim, labels, *, loss="ms", ref_labels=None, anchor_index=None, **hparams):
+def batch_gpw_summary(sim, labels, *, loss="ms", ref_labels=None, anchor_index=None,
+                      ref_valid=None, **hparams):
   """``gpw_summary`` of one batch: the loss's weights, candidate pairs and selection.
 
   See ``pair_selection`` for the selection and ``gpw.gpw_summary`` for the keys.
   """
   s = pair_selection(sim, labels, loss=loss, ref_labels=ref_labels,
-                     anchor_index=anchor_index, **hparams)
+                     anchor_index=anchor_index, ref_valid=ref_valid, **hparams)
   return gpw.gpw_summary(s.weights, s.pos, s.neg, s.selected)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from msjax.losses import gpw
 
 
-def _pairs(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
+def _pairs(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, margin, self_pair,
            self_threshold, name):
   """Checks inputs: ``(pairs, pos, neg, neg_sorted, threshold)``.
 
@@ -31,7 +31,7 @@ def _pairs(sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair,
   gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
   gpw.check_non_negative(name, margin=margin)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                            batch_size=batch_size, loss_name=name)
+                            ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   neg_sorted = jnp.sort(jnp.where(neg, pairs.sim, -jnp.inf), axis=-1)
   return pairs, pos, neg, neg_sorted, pairs.sim - margin
@@ -51,12 +51,13 @@ def _count_greater(sorted_values, queries):
   return sorted_values.shape[-1] - below_or_equal, below_or_equal
 
 
-def triplet_loss(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
-                 self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+def triplet_loss(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                 margin=0.1, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                 batch_size=None):
   """Batch-all triplet loss (formula in the module docstring). Returns a scalar."""
-  pairs, pos, _, neg_sorted, threshold = _pairs(
-      sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair, self_threshold,
-      "triplet_loss")
+  pairs, pos, _, neg_sorted, threshold = _pairs(sim, labels, ref_labels, anchor_index,
+                                                ref_valid, batch_size, margin, self_pair,
+                                                self_threshold, "triplet_loss")
   finite = jnp.where(jnp.isfinite(neg_sorted), neg_sorted, 0.0)
   # suffix[k] = Σ_{j >= k} neg_sorted[j], with suffix[Br] = 0.
   suffix = jnp.concatenate(
@@ -68,12 +69,13 @@ def triplet_loss(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
   return jnp.sum(jnp.where(pos, per_positive, 0.0)) / pairs.batch_size
 
 
-def triplet_weights(sim, labels, *, ref_labels=None, anchor_index=None, margin=0.1,
-                    self_pair="value", self_threshold=gpw.SELF_THRESHOLD, batch_size=None):
+def triplet_weights(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                    margin=0.1, self_pair="value", self_threshold=gpw.SELF_THRESHOLD,
+                    batch_size=None):
   """Analytic ``∂triplet_loss/∂S``: active-triplet counts, ``+`` on negatives, ``−`` on positives, /m."""
-  pairs, pos, neg, neg_sorted, threshold = _pairs(
-      sim, labels, ref_labels, anchor_index, batch_size, margin, self_pair, self_threshold,
-      "triplet_weights")
+  pairs, pos, neg, neg_sorted, threshold = _pairs(sim, labels, ref_labels, anchor_index,
+                                                  ref_valid, batch_size, margin, self_pair,
+                                                  self_threshold, "triplet_weights")
   s = pairs.sim
   # w⁺_ip: negatives above the positive's threshold.
   w_pos, _ = _count_greater(neg_sorted, threshold)

@@ -86,6 +86,17 @@ def base_config() -> ml_collections.ConfigDict:
   o.backbone_lr_mult = 1.0
   o.head_lr_mult = 1.0
 
+  # Cross-batch memory (msjax.memory; docs/memory.md): after start_step steps, every step
+  # adds weight · L(batch anchors, last `size` embeddings) to the batch loss.
+  c.xbm = x = ml_collections.ConfigDict()
+  x.enabled = False
+  x.size = 55000              # entries M (the XBM paper's SOP size); ≥ the global batch
+  x.weight = 1.0              # weight of the memory term
+  x.start_step = 1000         # steps without the memory first (the embedding moves fast)
+  x.dtype = "float32"         # stored embeddings: "float32" or "bfloat16" (half the bytes)
+  x.block_size = 0            # anchors per row block of the memory term (0: one block);
+                              # peak O(block_size × size) instead of O(B/n × size)
+
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 3000
   t.log_every = 20            # steps between logged metrics (loss, images/s, GPW summary)

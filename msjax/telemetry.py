@@ -14,6 +14,10 @@ it returns, under ``gpw/``, to TensorBoard and ``metrics.jsonl``:
 - ``{pos,neg}_sim_q{05,25,50,75,95}``: quantiles of the candidate pairs' similarities;
 - ``{pos,neg}_weight_q{05,...,95}``: quantiles of the non-zero weights.
 
+With a cross-batch memory (``msjax.memory``), ``make_memory_telemetry_fn`` gives the same
+keys for the batch's pairs with the memory, written under ``gpw_memory/``: which memory
+negatives carry weight, next to ``gpw/``'s batch negatives.
+
 Beside these scalars it returns the histograms behind the quantiles, in coarser bins
 (``HISTOGRAM_BINS``, edges from ``histogram_edges``), which the loop writes as TensorBoard
 histograms: ``pos_sim`` and ``neg_sim`` (candidate pairs' similarities, bins of 1/32) and
@@ -113,14 +117,16 @@ def histogram_quantiles(hist, lo: float, hi: float, qs=QUANTILES):
   return out
 
 
-def partial_stats(sim, labels, *, ref_labels=None, anchor_index=None, loss="ms", **hparams):
+def partial_stats(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,
+                  loss="ms", **hparams):
   """Additive (sums, histograms) and max statistics of one block of anchor rows.
 
   Blocks of disjoint anchors combine by adding the sums and histograms and taking the
   maximum of the maxima; ``finalize`` turns the result into ``KEYS``.
   """
   s = losses.pair_selection(sim, labels, loss=loss, ref_labels=ref_labels,
-                            anchor_index=anchor_index, batch_size=1, **hparams)
+                            anchor_index=anchor_index, ref_valid=ref_valid, batch_size=1,
+                            **hparams)
   sim = jnp.asarray(sim, jnp.promote_types(jnp.asarray(sim).dtype, jnp.float32))
   w_pos, w_neg, pos_sel, neg_sel, empty = gpw.select_weights(s.weights, s.pos, s.neg,
                                                              s.selected)
@@ -207,6 +213,42 @@ def make_telemetry_fn(mesh, loss: str, hparams: dict):
 
   fn = jax.shard_map(local, mesh=mesh,
                      in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
+                     out_specs=(PartitionSpec(), PartitionSpec()))
+  return jax.jit(fn)
+
+
+def make_memory_telemetry_fn(mesh, loss: str, hparams: dict):
+  """Jitted ``(embeddings [B, D], labels [B], memory) -> (scalars, histograms)``: the same
+  ``KEYS`` and histograms as ``make_telemetry_fn``, for the batch's pairs with the
+  cross-batch memory (``msjax.memory``) as the memory term sees them.
+
+  ``memory`` is the state's memory after the step, so it holds the batch's own copies in
+  the ``B`` slots before its pointer; those are the anchors' self pairs and are dropped
+  as in training. Only filled slots count. Each device takes its anchors' ``[B/n, M]``
+  rows against the replicated memory.
+  """
+  from msjax import memory as memory_lib
+  axis = sharding.BATCH_AXIS
+  hparams = dict(hparams, self_pair=memory_lib.memory_self_pair(
+      hparams.get("self_pair", "value")))
+
+  def local(emb, labels, mem):
+    emb = emb.astype(jnp.float32)
+    local_count = emb.shape[0]
+    batch = local_count * jax.lax.axis_size(axis)
+    first = (mem.pointer - batch) % mem.size  # where this batch was written
+    own = jax.lax.axis_index(axis) * local_count + jnp.arange(local_count, dtype=jnp.int32)
+    sim = jnp.matmul(emb, mem.embeddings.astype(jnp.float32).T,
+                     precision=jax.lax.Precision.HIGHEST)
+    stats = partial_stats(sim, labels, ref_labels=mem.labels,
+                          anchor_index=(first + own) % mem.size,
+                          ref_valid=memory_lib.valid(mem), loss=loss, **hparams)
+    stats = {k: (jax.lax.pmax if k in _MAXES else jax.lax.psum)(v, axis)
+             for k, v in stats.items()}
+    return finalize(stats), coarse_histograms(stats)
+
+  fn = jax.shard_map(local, mesh=mesh,
+                     in_specs=(PartitionSpec(axis), PartitionSpec(axis), PartitionSpec()),
                      out_specs=(PartitionSpec(), PartitionSpec()))
   return jax.jit(fn)
 

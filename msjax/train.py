@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from msjax import evaluate as evaluate_lib
-from msjax import losses, models, sharding, telemetry
+from msjax import losses, memory, models, sharding, telemetry
 from msjax.data import records, transforms
 
 # ---------------------------------------------------------------------------- config
@@ -76,6 +76,20 @@ def check_config(config, num_devices: int, process_count: int):
   loss_kwargs(config.loss)
   if t.num_steps < 1:
     raise ConfigError(f"config.train.num_steps={t.num_steps} must be positive.")
+  if xbm_enabled(config):
+    x = config.xbm
+    if not losses.get(config.loss.name).rectangular:
+      raise ConfigError(
+          f"config.loss.name={config.loss.name!r} has no rectangular form (anchors against "
+          "other references), so it cannot take a cross-batch memory; set "
+          "config.xbm.enabled=False or use one of "
+          f"{tuple(n for n in losses.NAMES if losses.get(n).rectangular)}.")
+    problems = memory.check_config(x.size, x.start_step, x.weight, x.dtype,
+                                   global_batch=batch, num_steps=t.num_steps)
+    if int(x.block_size) < 0:
+      problems.append(f"config.xbm.block_size={x.block_size} must be ≥ 0 (0: one block).")
+    if problems:
+      raise ConfigError(" ".join(problems))
   if config.eval.split not in ("val", "test"):
     raise ConfigError(f"config.eval.split={config.eval.split!r}; use 'val' (needs "
                       "config.data.val_fraction > 0) or 'test'.")
@@ -92,6 +106,11 @@ def check_config(config, num_devices: int, process_count: int):
           f"{config.model.backbone} --src <downloaded .pth> --out {pretrained} "
           "(docs/models.md), or set config.model.pretrained='' to start from random "
           "weights.")
+
+
+def xbm_enabled(config) -> bool:
+  """Whether ``config`` trains with a cross-batch memory (``config.xbm``)."""
+  return "xbm" in config and bool(config.xbm.enabled)
 
 
 # ---------------------------------------------------------------------------- optimiser
@@ -160,6 +179,9 @@ def init_state(config, tx, mesh, *, seed: int):
   state = {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest),
            "step": jnp.zeros((), jnp.int32)}
   state["opt_state"] = tx.init(state["params"])
+  if xbm_enabled(config):
+    dtype = jnp.bfloat16 if config.xbm.dtype == "bfloat16" else jnp.float32
+    state["memory"] = memory.create(int(config.xbm.size), config.model.embedding_dim, dtype)
   return model, sharding.replicate(state, mesh)
 
 
@@ -172,39 +194,65 @@ def _merge(graph, state):
 # ---------------------------------------------------------------------------- the step
 
 
-def make_train_step(model: Model, tx, mesh, loss_cfg):
+def _loss_fn(mesh, loss_cfg, xbm_cfg):
+  """``(emb, labels, memory, active) -> (loss, parts, memory)`` over the sharded batch."""
+  axis, batch, repl = sharding.BATCH_AXIS, PartitionSpec(sharding.BATCH_AXIS), PartitionSpec()
+  kwargs = dict(axis_name=axis, loss=loss_cfg.name, **loss_kwargs(loss_cfg))
+  if xbm_cfg is None:
+    fn = jax.shard_map(functools.partial(losses.global_batch_loss, **kwargs), mesh=mesh,
+                       in_specs=(batch, batch), out_specs=repl)
+    return lambda emb, labels, mem, active: (fn(emb, labels), {}, mem)
+  fn = jax.shard_map(
+      functools.partial(memory.global_xbm_loss, weight=float(xbm_cfg.weight),
+                        memory_block_size=int(xbm_cfg.block_size) or None, **kwargs),
+      mesh=mesh, in_specs=(batch, batch, repl, repl), out_specs=repl)
+
+  def xbm_loss(emb, labels, mem, active):
+    r = fn(emb, labels, mem, active)
+    return r.total, {"batch_loss": r.batch, "memory_loss": r.memory}, r.new_memory
+
+  return xbm_loss
+
+
+def make_train_step(model: Model, tx, mesh, loss_cfg, xbm_cfg=None):
   """The jitted step ``(state, images uint8, labels) -> (state, outputs)``.
 
-  ``outputs`` holds the replicated scalars ``loss`` and ``grad_norm``, and the batch's
+  ``outputs`` holds the replicated scalars ``loss`` and ``grad_norm`` (with a cross-batch
+  memory, ``xbm_cfg``, also ``batch_loss`` and ``memory_loss``), and the batch's
   train-mode ``embeddings`` (the ones the loss saw), left sharded over the batch axis for
-  the pair-weight telemetry. The state is donated and stays replicated; images and labels
-  are sharded over the batch axis.
+  the pair-weight telemetry. The state is donated and stays replicated, the memory
+  included; images and labels are sharded over the batch axis.
   """
-  axis = sharding.BATCH_AXIS
-  loss_fn = jax.shard_map(
-      functools.partial(losses.global_batch_loss, axis_name=axis, loss=loss_cfg.name,
-                        **loss_kwargs(loss_cfg)),
-      mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
-      out_specs=PartitionSpec())
+  loss_fn = _loss_fn(mesh, loss_cfg, xbm_cfg)
 
   def step(state, images, labels):
     x = transforms.normalize(images, model.convention, xp=jnp)
+    mem = state.get("memory")
+    # The memory joins at the step after `start_step` completed ones, as released.
+    active = None if xbm_cfg is None else state["step"] >= int(xbm_cfg.start_step)
 
     def objective(params):
       net = _merge(model.train_graph, {**state, "params": params})
       emb = net(x)
       _, _, rest = nnx.split(net, nnx.Param, ...)
-      return loss_fn(emb, labels), (nnx.to_pure_dict(rest), emb)
+      loss, parts, new_mem = loss_fn(emb, labels, mem, active)
+      return loss, (nnx.to_pure_dict(rest), emb, parts, new_mem)
 
-    (loss, (rest, emb)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    (loss, (rest, emb, parts, new_mem)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "rest": rest, "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "embeddings": emb}
+    if mem is not None:
+      new["memory"] = new_mem
+    return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+                 "embeddings": emb}
 
   repl = sharding.replicated(mesh)
   outputs = {"loss": repl, "grad_norm": repl, "embeddings": sharding.batch_sharded(mesh)}
+  if xbm_cfg is not None:
+    outputs.update(batch_loss=repl, memory_loss=repl)
   return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, outputs))
 
 
@@ -312,7 +360,17 @@ def _restore(ckpt, state, step=None):
   template = flat_tree(state)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
-  restored, data_state, _ = ckpt.restore(step, abstract_state=abstract)
+  from msjax import checkpoint as checkpoint_lib
+  try:
+    restored, data_state, _ = ckpt.restore(step, abstract_state=abstract)
+  except checkpoint_lib.CheckpointError as e:
+    if "'memory." not in str(e):
+      raise
+    raise checkpoint_lib.CheckpointError(
+        f"{e} The difference is in the cross-batch memory: resume with the "
+        "config.xbm.enabled, config.xbm.size and config.xbm.dtype (and "
+        "config.model.embedding_dim) of the run that saved it (its config.json is in "
+        "the workdir).") from None
   return unflat_tree(restored, state), data_state
 
 
@@ -344,20 +402,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"{_count(jax.process_count(), 'process', 'processes')}, "
           f"{_count(n, jax.devices()[0].platform + ' device')}; global batch {batch} "
           f"({batch // n} per device); workdir {workdir}")
-  step_fn = make_train_step(model, tx, mesh, config.loss)
+    if xbm_enabled(config):
+      x = config.xbm
+      print(f"Cross-batch memory: {x.size:,} {x.dtype} entries, weight {x.weight}, from "
+            f"step {x.start_step + 1}.")
+  xbm_cfg = config.xbm if xbm_enabled(config) else None
+  step_fn = make_train_step(model, tx, mesh, config.loss, xbm_cfg)
+  telemetry_fns = {}
   if config.train.telemetry:
-    telemetry_fn = telemetry.make_telemetry_fn(mesh, config.loss.name,
-                                               loss_kwargs(config.loss))
-  else:
-    telemetry_fn = None
+    args = (mesh, config.loss.name, loss_kwargs(config.loss))
+    telemetry_fns["gpw"] = telemetry.make_telemetry_fn(*args)
+    if xbm_cfg is not None:
+      telemetry_fns["gpw_memory"] = telemetry.make_memory_telemetry_fn(*args)
   with contextlib.ExitStack() as cleanup:  # closed in reverse, whatever happens
     cleanup.callback(ckpt.close)
     writer = cleanup.enter_context(metric_writers.MetricWriter(workdir))
-    return _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry_fn,
+    return _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry_fns,
                        ckpt, writer, cleanup)
 
 
-def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry_fn, ckpt,
+def _telemetry(fns: dict, state, embeddings, labels, *, memory_joined: bool):
+  """The GPW telemetry of a logged step: ``(scalars, histograms)`` under ``gpw/`` (batch
+  pairs) and, once the cross-batch memory has joined, ``gpw_memory/`` (memory pairs)."""
+  outputs = {}
+  for prefix, fn in fns.items():
+    if prefix == "gpw":
+      outputs[prefix] = fn(embeddings, labels)
+    elif memory_joined:
+      outputs[prefix] = fn(embeddings, labels, state["memory"])
+  scalars, histograms = {}, {}
+  for prefix, (gpw, hists) in jax.device_get(outputs).items():
+    scalars.update({f"{prefix}/{k}": float(v) for k, v in gpw.items()})
+    histograms.update({f"{prefix}/{k}": (telemetry.histogram_edges(k), v)
+                       for k, v in hists.items()})
+  return scalars, histograms
+
+
+def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry_fns, ckpt,
                 writer, cleanup) -> dict:
   """Resume, baselines, the steps, the final evaluation; ``cleanup`` closes what it opens."""
   from msjax import checkpoint as checkpoint_lib
@@ -417,13 +498,13 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry
     if log_now:
       progress.update(step, loss=values["loss"])
       scalars = {f"train/{k}": v for k, v in values.items()}
-      if telemetry_fn is not None:
-        gpw, histograms = jax.device_get(telemetry_fn(embeddings, batch["label"]))
-        scalars.update({f"gpw/{k}": float(v) for k, v in gpw.items()})
+      gpw, histograms = _telemetry(
+          telemetry_fns, state, embeddings, batch["label"],
+          memory_joined=xbm_enabled(config) and step > config.xbm.start_step)
+      scalars.update(gpw)
       writer.write_scalars(step, scalars)
-      if telemetry_fn is not None:
-        writer.write_histograms(step, {f"gpw/{k}": (telemetry.histogram_edges(k), v)
-                                       for k, v in histograms.items()})
+      if histograms:
+        writer.write_histograms(step, histograms)
     if t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
       last_metrics = evaluate_model(config, model, state, dataset, mesh,
                                     title=f"step {step}")

@@ -49,6 +49,7 @@ MIN_RUNNABLE = {
     "docs/gpw_analysis.md": 2,
     "docs/launching.md": 3,
     "docs/losses.md": 3,
+    "docs/memory.md": 2,
     "docs/models.md": 1,
     "docs/performance.md": 1,
     "docs/search.md": 2,

@@ -48,21 +48,27 @@ def test_eight_devices_step_like_one_device():
   assert not r["square_in_sharded_hlo"]
 
 
-def test_two_processes_agree_with_one():
+def two_processes_and_one(*args):
+  """Runs ``scripts/train_two_process.py`` as two jax.distributed processes and as one:
+  ``([result of process 0, of process 1], result alone)``, each its last JSON line."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   script = str(SCRIPTS / "train_two_process.py")
-  procs = [subprocess.Popen([sys.executable, script, str(i), str(port)],
+  procs = [subprocess.Popen([sys.executable, script, str(i), str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in (0, 1)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
-  alone = subprocess.run([sys.executable, script, "-1", "0"], capture_output=True,
+  alone = subprocess.run([sys.executable, script, "-1", "0", *args], capture_output=True,
                          text=True, timeout=600, check=True)
-  single = json.loads(alone.stdout.strip().splitlines()[-1])
+  return results, json.loads(alone.stdout.strip().splitlines()[-1])
+
+
+def test_two_processes_agree_with_one():
+  results, single = two_processes_and_one()
   assert [r["processes"] for r in results] == [2, 2]
   assert results[0]["losses"] == results[1]["losses"]
   assert results[0]["checksum"] == results[1]["checksum"]

@@ -18,10 +18,12 @@ slots count: an empty slot is neither a positive nor a negative (``ref_valid``).
 
 Where msjax and the released code differ, and why:
 
-- The ring buffer wraps slot by slot. The released queue writes a batch that does not fit
-  before the end into the *last* ``B`` slots, overwriting part of the previous batch, and
-  restarts at slot 0; when ``M`` is a multiple of the batch (every published recipe) the
-  two hold the same entries.
+- The ring buffer wraps slot by slot and always holds exactly the last ``M`` entries. The
+  released queue writes a batch that does not fit before the end into the *last* ``B``
+  slots, overwriting part of the previous batch, and restarts at slot 0. It also leaves
+  its pointer at ``M`` after a batch that ends at the last slot, so the next batch
+  overwrites that newest batch instead of the oldest: from the first wrap on it is not a
+  first-in-first-out queue, even when ``M`` is a multiple of the batch.
 - The fill level is a counter. The released ``is_full`` tests whether the last slot's
   label is non-zero, which is wrong for a dataset whose class 0 lands there.
 

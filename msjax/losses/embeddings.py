@@ -181,7 +181,10 @@ def _blocked_fwd(spec, block_size, dtypes, q, r, labels, ref_labels, anchor_inde
 
 def _blocked_bwd(spec, block_size, dtypes, residuals, g):
   (d_q, d_r), (q_dtype, r_dtype) = residuals, dtypes
-  return (g * d_q).astype(q_dtype), (g * d_r).astype(r_dtype), None, None, None, None
+  # Constant references keep the zero of their own type: inside shard_map, ``g`` varies
+  # over the batch axis while a replicated memory does not.
+  d_r = (g * d_r).astype(r_dtype) if spec.ref_grad else d_r.astype(r_dtype)
+  return (g * d_q).astype(q_dtype), d_r, None, None, None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -4,6 +4,7 @@ split: what the GPW notebook studies.
     run = analysis.load_run("runs/cub-...")          # config.json + latest checkpoint
     emb, labels = analysis.batch_embeddings(run)      # one training batch, embedded
     sel = analysis.pair_weights(emb, labels, "ms", alpha=2.0, beta=40.0)
+    mem = analysis.memory_pair_weights(run)           # the same with a cross-batch memory
     examples = analysis.retrieval_examples(run)       # queries and their neighbours
 
 Everything here is NumPy in, NumPy out, so figures (``msjax.plot``) and notebooks need
@@ -14,6 +15,7 @@ size).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -93,21 +95,31 @@ def batch_embeddings(run: Run, *, step: int | None = None):
   batch training would take next) with the training transforms, embedded in eval mode
   (BatchNorm running statistics), on this process.
   """
+  at = run.step if step is None else step
+  return next(_train_batch_embeddings(run, at, at + 1))
+
+
+def _train_batch_embeddings(run: Run, first: int, stop: int):
+  """Yields ``batch_embeddings`` of the training batches of steps ``first .. stop-1``, in
+  order, from one data iterator and one compiled embedding function."""
   from msjax import data as data_lib
   from msjax import train
   d = run.config.data.copy_and_resolve_references()
   d.num_workers = 0
-  at = run.step if step is None else step
   batches = data_lib.train_batches(run.dataset.train, d, seed=run.config.seed,
-                                   num_steps=at + 1, start_step=at)
-  batch = data_lib.to_global(next(iter(batches)), run.mesh)
-  emb = train.make_embed_fn(run.model, run.mesh)(run.state, batch["image"])
-  return np.asarray(jax.device_get(emb), np.float32), np.asarray(jax.device_get(batch["label"]))
+                                   num_steps=stop, start_step=first)
+  embed = train.make_embed_fn(run.model, run.mesh)
+  for batch in batches:
+    batch = data_lib.to_global(batch, run.mesh)
+    emb = embed(run.state, batch["image"])
+    yield (np.asarray(jax.device_get(emb), np.float32),
+           np.asarray(jax.device_get(batch["label"])))
 
 
 @dataclasses.dataclass
 class PairWeights:
-  """One batch under one loss, all ``[B, B]`` NumPy arrays."""
+  """One batch's anchors under one loss, all ``[B, R]`` NumPy arrays over R references:
+  ``[B, B]`` for the batch itself, ``[B, N]`` for a memory's entries (``MemoryWeights``)."""
 
   sim: np.ndarray
   weights: np.ndarray  # ∂L/∂S · B: +w⁻ on negatives, −w⁺ on positives
@@ -146,6 +158,177 @@ def pair_weights(emb_or_sim, labels, loss: str = "ms", *, is_sim: bool = False,
     s = jax.device_get(s)
   return PairWeights(sim, np.asarray(s.weights), np.asarray(s.pos), np.asarray(s.neg),
                      np.asarray(s.selected))
+
+
+# ------------------------------------------------------------------ cross-batch memory
+
+
+@dataclasses.dataclass
+class MemoryWeights:
+  """One batch's anchors under one loss, without and with a cross-batch memory
+  (``msjax.memory``), as per-anchor ``PairWeights`` (``batch_size=1``).
+
+  Training with a memory adds to the batch term ``L(batch, batch)`` the memory term
+  ``L(batch anchors, memory)``, whose references are the memory's filled slots: the
+  older entries and, enqueued last, the batch's own fresh copies. The memory term's
+  columns are split in two:
+
+  Attributes:
+    batch: the batch alone, ``[B, B]``: ``pair_weights``, the batch term (which the
+      memory leaves unchanged).
+    batch_part: the memory term on the batch's own copies, ``[B, B]`` in batch order:
+      column ``j`` is image ``j``'s copy, so the diagonal is each anchor's self pair
+      (neither positive nor negative, weight 0).
+    memory_part: the memory term on the older entries, ``[B, N]``, oldest first.
+    memory_labels: ``[N]`` the older entries' labels.
+    source: where the memory came from, in words ("" when not known).
+  """
+
+  batch: PairWeights
+  batch_part: PairWeights
+  memory_part: PairWeights
+  memory_labels: np.ndarray
+  source: str = ""
+
+  @property
+  def memory_size(self) -> int:
+    """``N``: the older entries (filled slots not holding this batch)."""
+    return len(self.memory_labels)
+
+  def mined_negatives(self) -> dict[str, np.ndarray]:
+    """Selected negatives per anchor, ``int [B]`` each: ``"batch"`` (the batch alone),
+    ``"batch_part"`` and ``"memory_part"`` (the memory term's two parts)."""
+    return {name: (p.neg & p.selected).sum(axis=1) for name, p in
+            (("batch", self.batch), ("batch_part", self.batch_part),
+             ("memory_part", self.memory_part))}
+
+  def neg_weight_sums(self) -> dict[str, np.ndarray]:
+    """``Σ_j w⁻_ij`` per anchor, ``float [B]`` each, keyed as ``mined_negatives``."""
+    return {name: p.w_neg.sum(axis=1) for name, p in
+            (("batch", self.batch), ("batch_part", self.batch_part),
+             ("memory_part", self.memory_part))}
+
+  def memory_neg_weight_share(self) -> float:
+    """The memory term's ``Σ w⁻`` on older entries over its ``Σ w⁻`` on all its
+    references, over all anchors (0 when it weighs no negative)."""
+    on_memory = self.memory_part.w_neg.sum()
+    total = on_memory + self.batch_part.w_neg.sum()
+    return float(on_memory / total) if total > 0 else 0.0
+
+
+def memory_weights(emb, labels, memory, loss: str = "ms", **hparams) -> MemoryWeights:
+  """The loss's per-anchor weights for the anchors ``emb`` ``[B, D]`` (labels ``[B]``)
+  against the batch alone and against a cross-batch memory, computed in float64.
+
+  The memory is filled as training fills it (``msjax.memory.enqueue``): the batch's own
+  copies are enqueued last, over the oldest entries, and each anchor's copy is its self
+  pair, dropped by ``msjax.memory.memory_self_pair``'s rule (by index and, for the
+  default ``self_pair="value"``, by value too); unfilled slots count for nothing
+  (``msjax.memory.valid``). The weights come from ``losses.pair_selection`` with
+  ``ref_labels``, ``anchor_index`` and ``ref_valid``, as the memory term's do.
+
+  Args:
+    emb, labels: the batch (its anchors, and its own copies in the memory).
+    memory: either a ``msjax.memory.Memory`` as it stands before this batch (a run's
+      ``state["memory"]``; its storage dtype is kept, so bfloat16 copies are compared as
+      training compares them), or ``(embeddings [N, D], labels [N])``: the preceding
+      entries, oldest first, put in a float64 memory of ``N + B`` slots.
+    loss: a registry loss with a rectangular form.
+    hparams: the loss's keywords; default ``DEFAULT_HPARAMS[loss]``.
+
+  Returns:
+    ``MemoryWeights``: the batch alone, and the memory term's weights on the batch's
+    own copies and on the older entries.
+  """
+  from msjax import memory as memory_lib
+  if not losses.get(loss).rectangular:
+    raise ValueError(f"loss {loss!r} has no rectangular form, so it cannot take a memory.")
+  emb, labels = np.asarray(emb), np.asarray(labels)
+  hp = {**DEFAULT_HPARAMS.get(loss, {}), **hparams}
+  batch = pair_weights(emb, labels, loss, **hp)
+  count, dim = emb.shape
+  with jax.enable_x64(True):
+    if isinstance(memory, memory_lib.Memory):
+      mem = memory_lib.Memory(*(jnp.asarray(x) for x in jax.device_get(memory)))
+    else:
+      old_emb, old_labels = np.asarray(memory[0], np.float64), np.asarray(memory[1])
+      if old_emb.size == 0:
+        old_emb = old_emb.reshape(0, dim)
+      if old_emb.shape != (len(old_labels), dim) or old_labels.ndim != 1:
+        raise ValueError(f"the memory's embeddings {old_emb.shape} and labels "
+                         f"{old_labels.shape} do not match a batch of {dim}-d embeddings.")
+      mem = memory_lib.create(len(old_labels) + count, dim, jnp.float64)
+      if len(old_labels):
+        mem = memory_lib.enqueue(mem, old_emb, old_labels)
+    own = memory_lib.slots(mem, count)
+    mem = memory_lib.enqueue(mem, emb, labels)
+    sim = np.asarray(emb, np.float64) @ np.asarray(mem.embeddings, np.float64).T
+    self_pair = memory_lib.memory_self_pair(hp.get("self_pair", "value"))
+    # One compiled program: several times faster than op by op at [B, N + B].
+    select = jax.jit(functools.partial(losses.pair_selection, loss=loss, batch_size=1,
+                                       **{**hp, "self_pair": self_pair}))
+    s = select(jnp.asarray(sim), jnp.asarray(labels), ref_labels=mem.labels,
+               anchor_index=own, ref_valid=memory_lib.valid(mem))
+    s, own, valid, pointer, ref_labels = jax.device_get(
+        (s, own, memory_lib.valid(mem), mem.pointer, mem.labels))
+  size = len(valid)
+  oldest_first = (int(pointer) + np.arange(size)) % size
+  is_own = np.zeros(size, bool)
+  is_own[own] = True
+  older = oldest_first[valid[oldest_first] & ~is_own[oldest_first]]
+
+  def part(columns):
+    return PairWeights(sim[:, columns], *(np.asarray(x)[:, columns] for x in
+                                          (s.weights, s.pos, s.neg, s.selected)))
+
+  return MemoryWeights(batch, part(np.asarray(own)), part(older),
+                       np.asarray(ref_labels)[older])
+
+
+def memory_pair_weights(run: Run, *, memory_batches: int = 16, step: int | None = None,
+                        from_checkpoint: bool | None = None, loss: str = "ms",
+                        **hparams) -> MemoryWeights:
+  """``memory_weights`` of the training batch of ``step`` (default: the run's step, the
+  batch training would take next), embedded as ``batch_embeddings`` embeds it, against
+  a cross-batch memory of the run.
+
+  The memory is the run's checkpointed ``state["memory"]`` (``from_checkpoint``; the
+  default where the run trained with ``config.xbm.enabled``, its memory holds entries and
+  ``step`` is the run's step), or else the embeddings of the ``memory_batches``
+  training batches before ``step`` (fewer near step 0), oldest first, from the P×K
+  sampler with the training transforms, embedded by the same restored model. The two
+  differ: the checkpointed entries are what training stored, train-mode embeddings by
+  the models of the steps that wrote them (the drift XBM relies on being slow), while
+  the embedded ones are this model's, like the batch's.
+
+  Returns:
+    ``MemoryWeights`` (see ``memory_weights``; ``loss`` and ``hparams`` as there).
+  """
+  at = run.step if step is None else step
+  saved = run.state.get("memory")
+  if from_checkpoint is None:
+    from_checkpoint = (saved is not None and at == run.step
+                       and int(jax.device_get(saved.filled)) > 0)
+  if from_checkpoint:
+    if saved is None:
+      raise ValueError("the run has no checkpointed memory: it was trained without "
+                       "config.xbm.enabled; pass from_checkpoint=False to embed one.")
+    if at != run.step:
+      raise ValueError(f"the checkpointed memory is the one before step {run.step}, not "
+                       f"{at}; pass from_checkpoint=False to embed one.")
+    emb, labels = batch_embeddings(run, step=at)
+    return dataclasses.replace(memory_weights(emb, labels, saved, loss, **hparams),
+                               source="the run's checkpointed memory")
+  if memory_batches < 0:
+    raise ValueError(f"memory_batches must be >= 0; got {memory_batches}.")
+  first = max(0, at - memory_batches)
+  embedded = list(_train_batch_embeddings(run, first, at + 1))
+  (emb, labels), older = embedded[-1], embedded[:-1]
+  old_emb = np.concatenate([e for e, _ in older]) if older else emb[:0]
+  old_labels = np.concatenate([y for _, y in older]) if older else labels[:0]
+  return dataclasses.replace(
+      memory_weights(emb, labels, (old_emb, old_labels), loss, **hparams),
+      source=f"the {at - first} training batches before step {at}, embedded by this model")
 
 
 def autodiff_gap(sim, labels, loss: str = "ms", **hparams) -> dict:

@@ -58,6 +58,17 @@ _MISMATCH_HINT = ("This workdir was trained with a different config; use a new "
                   "--workdir or the same config.")
 
 
+class _DropMessage(logging.Filter):
+  """Drops log records whose message contains ``text``."""
+
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return self.text not in record.getMessage()
+
+
 class CheckpointError(ValueError):
   """A checkpoint cannot be restored (or saved); the message says what to do."""
 
@@ -125,8 +136,14 @@ class Checkpointer:
     # metadata (to check it against the state) before anything was saved.
     registry = ocp.handlers.create_default_handler_registry(**{
         STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()})
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          handler_registry=registry)
+    # A read-only manager logs that its directory is read-only, which is what was asked.
+    notice = _DropMessage("is read only")
+    logging.getLogger("absl").addFilter(notice)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            handler_registry=registry)
+    finally:
+      logging.getLogger("absl").removeFilter(notice)
 
   # ----------------------------------------------------------------------------------
   # Saving.

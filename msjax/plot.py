@@ -1,5 +1,5 @@
-"""GPW figures: pair weights against similarity, hyper-parameter sweeps, telemetry, and
-retrieval examples (queries and their nearest neighbours).
+"""GPW figures: pair weights against similarity, with and without a cross-batch memory,
+hyper-parameter sweeps, telemetry, and retrieval examples (queries and their nearest neighbours).
 
     python -m msjax.plot --workdir runs/inshop-20261129-1200 [--out DIR]
 
@@ -18,6 +18,7 @@ import numpy as np
 from msjax import analysis
 
 POS_COLOR, NEG_COLOR, OFF_COLOR = "#1b7837", "#b2182b", "#9a9a9a"
+MEMORY_COLOR = "#5e3c99"  # pairs with a cross-batch memory's older entries
 LOSS_TITLES = {"ms": "Multi-Similarity", "binomial": "Binomial deviance",
                "lifted": "Lifted structure", "contrastive": "Contrastive",
                "triplet": "Triplet"}
@@ -78,6 +79,75 @@ def weights_figure(selections: Mapping[str, analysis.PairWeights], *, title: str
     for ax in (top, bottom):
       ax.grid(alpha=0.3)
       ax.legend(loc="best", fontsize=7, frameon=False)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def _weighted_pairs(ax, p: analysis.PairWeights, side: str, style: dict, label: str):
+  """``p``'s pairs of one side (``"pos"`` or ``"neg"``) with a non-zero weight, at
+  their weight; returns how many were drawn."""
+  weight = p.w_pos if side == "pos" else p.w_neg
+  drawn = (p.pos if side == "pos" else p.neg) & (weight > 0)
+  ax.scatter(p.sim[drawn], weight[drawn], label=f"{label} ({drawn.sum():,})",
+             rasterized=True, **style)
+  return int(drawn.sum())
+
+
+def memory_figure(weights: analysis.MemoryWeights, *, title: str = ""):
+  """What a cross-batch memory changes for one batch's anchors
+  (``analysis.memory_weights``), in three panels: ``w⁻`` and ``w⁺`` against similarity
+  for the batch alone (hollow) and, in the memory term, for the batch's own copies and
+  the memory's older entries (only pairs with a non-zero weight); and each anchor's
+  ``Σ w⁻`` alone and in the memory term, split between the batch's copies and the memory
+  (anchors sorted by the memory term's total), the legend giving the mined negatives.
+
+  Returns:
+    The Figure, its three Axes in that order.
+  """
+  plt = _pyplot()
+  fig, (neg_ax, pos_ax, sum_ax) = plt.subplots(1, 3, figsize=(14, 4.4),
+                                               constrained_layout=True)
+  n = weights.memory_size
+  for ax, side, color in ((neg_ax, "neg", NEG_COLOR), (pos_ax, "pos", POS_COLOR)):
+    _weighted_pairs(ax, weights.batch, side, dict(s=18, facecolors="none", edgecolors=color,
+                                                  linewidths=0.6, alpha=0.7),
+                    "batch alone")
+    _weighted_pairs(ax, weights.memory_part, side,
+                    dict(s=6, color=MEMORY_COLOR, alpha=0.35, edgecolors="none"),
+                    f"with memory: its {n:,} older entries")
+    _weighted_pairs(ax, weights.batch_part, side,
+                    dict(s=10, color=color, alpha=0.8, edgecolors="none"),
+                    "with memory: the batch's copies")
+    ax.set_yscale("log")  # weights span orders of magnitude
+    ax.set_xlabel("similarity S_ij")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+  neg_ax.set_title("Negative pairs: which carry w⁻", fontsize=10)
+  neg_ax.set_ylabel("w⁻ (per anchor)")
+  pos_ax.set_title("Positive pairs: w⁺", fontsize=10)
+  pos_ax.set_ylabel("w⁺ (per anchor)")
+
+  sums, mined = weights.neg_weight_sums(), weights.mined_negatives()
+  total = sums["batch_part"] + sums["memory_part"]
+  share = np.divide(sums["memory_part"], total, out=np.zeros_like(total), where=total > 0)
+  order = np.argsort(-share, kind="stable")
+  x = np.arange(len(order))
+  sum_ax.bar(x, sums["memory_part"][order], width=1.0, color=MEMORY_COLOR, alpha=0.6,
+             label=f"with memory: older entries ({mined['memory_part'].mean():.1f} mined)")
+  sum_ax.bar(x, sums["batch_part"][order], bottom=sums["memory_part"][order], width=1.0,
+             color=NEG_COLOR, alpha=0.8,
+             label=f"with memory: the batch's copies ({mined['batch_part'].mean():.1f} mined)")
+  sum_ax.plot(x, sums["batch"][order], "o", ms=3, color="black",
+              label=f"batch alone ({mined['batch'].mean():.1f} mined)")
+  sum_ax.set_title(f"Σw⁻ per anchor: {100 * weights.memory_neg_weight_share():.0f}% on the "
+                   "memory with it", fontsize=10)
+  sum_ax.set_xlabel("anchor (sorted by the memory's share of its Σw⁻)")
+  sum_ax.set_ylabel("Σ_j w⁻_ij (mean mined negatives in brackets)")
+  top = max(float(total.max(initial=0.0)), float(sums["batch"].max(initial=0.0)))
+  sum_ax.set_ylim(0, 1.35 * top if top > 0 else 1.0)  # room for the legend
+  sum_ax.grid(alpha=0.3, axis="y")
+  sum_ax.legend(fontsize=7, frameon=False, loc="upper center")
   if title:
     fig.suptitle(title)
   return fig

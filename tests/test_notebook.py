@@ -7,7 +7,8 @@ import nbformat
 from PIL import Image
 
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "notebooks" / "gpw_analysis.ipynb"
-FIGURES = ("gpw_weights.png", "gpw_sweeps.png", "gpw_telemetry.png", "retrieval.png")
+FIGURES = ("gpw_weights.png", "gpw_sweeps.png", "gpw_telemetry.png", "retrieval.png",
+           "gpw_memory.png")
 
 
 def _parameters_index(nb):
@@ -33,6 +34,9 @@ def test_notebook_runs_headless_on_a_fresh_machine(tmp_path):
     assert f"\n{loss} " in text or text.startswith(f"{loss} ")
   assert "4 logged steps, 5–20" in text  # telemetry every 5 steps of the brief run
   assert "random queries [" in text and "worst queries [" in text  # retrieval examples
+  # The memory: the 16 batches before step 20, each anchor's negatives in both parts.
+  assert "memory: 1,024 entries, the 16 training batches before step 20" in text
+  assert "negatives mined per anchor: " in text and "% of the memory term's w⁻" in text
 
 
 def test_committed_notebook_is_readable_without_running():
@@ -45,3 +49,5 @@ def test_committed_notebook_is_readable_without_running():
   assert len(drawing) == len(FIGURES)
   for cell in drawing:
     assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source[:80]
+  text = "".join(o.get("text", "") for c in code for o in c.outputs)
+  assert "negatives mined per anchor: " in text  # the cross-batch memory's section

@@ -63,6 +63,7 @@ import time
 import numpy as np
 
 import timing  # benchmarks/timing.py, beside this script
+from timing import busy_cpu_s, own_cpu_s
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -219,18 +220,6 @@ def current_rss_mib() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def busy_cpu_s() -> float:
-  """CPU-seconds the whole machine has been busy (all cores), from /proc/stat."""
-  with open("/proc/stat") as f:
-    vals = [int(v) for v in f.readline().split()[1:9]]
-  return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-
-def own_cpu_s() -> float:
-  t = os.times()
-  return t.user + t.system
-
-
 def time_calls(call, *, budget_s, max_reps, warmup, reuse_slow_first_s):
   """Median-of-reps timing: ``(times, bg_cores, first_s, note)``.
 
@@ -367,18 +356,6 @@ def msjax_digest(root: str) -> str:
   return h.hexdigest()[:12]
 
 
-def wait_quiet(max_wait_s: float):
-  """Waits until other processes use at most ``BG_LIMIT`` cores (1 s samples), at most
-  ``max_wait_s``; returns ``(seconds waited, last sampled load in cores)``."""
-  t0 = time.monotonic()
-  while True:
-    b0 = busy_cpu_s()
-    time.sleep(1.0)
-    load = busy_cpu_s() - b0
-    if load <= BG_LIMIT or time.monotonic() - t0 >= max_wait_s:
-      return time.monotonic() - t0, load
-
-
 def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
   """Runs one measurement in a subprocess; peak RSS of that child from ``os.wait4``."""
   import psutil
@@ -386,7 +363,7 @@ def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(batch),
          "--rep-budget", str(args.rep_budget), "--max-reps", str(args.max_reps)]
   env = child_env()
-  waited, load = wait_quiet(args.quiet_wait)
+  waited, load = timing.wait_quiet(args.quiet_wait, BG_LIMIT)
   with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO,
@@ -942,7 +919,7 @@ def main(argv=None):
     print("\n## where msjax dense spends its time (pieces jitted separately, median s)",
           flush=True)
   for b in prof_sizes:
-    wait_quiet(args.quiet_wait)
+    timing.wait_quiet(args.quiet_wait, BG_LIMIT)
     p = run_profile(b, args.timeout)
     profiles.append(p)
     print_profile(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -32,3 +33,29 @@ def call_seconds(fn, *args, calls: int, warmup: int = 0) -> list[float]:
 def median_seconds(fn, *args, calls: int, warmup: int = 1) -> float:
   """The median of ``call_seconds``."""
   return float(np.median(call_seconds(fn, *args, calls=calls, warmup=warmup)))
+
+
+def busy_cpu_s() -> float:
+  """CPU-seconds the whole machine has been busy (all cores), from /proc/stat: what a
+  benchmark compares with its own CPU time to see whether something else ran."""
+  with open("/proc/stat") as f:
+    vals = [int(v) for v in f.readline().split()[1:9]]
+  return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def own_cpu_s() -> float:
+  """CPU-seconds this process has used."""
+  t = os.times()
+  return t.user + t.system
+
+
+def wait_quiet(max_wait_s: float, limit: float):
+  """Waits until other processes use at most ``limit`` cores (1 s samples), at most
+  ``max_wait_s``; returns ``(seconds waited, last sampled load in cores)``."""
+  t0 = time.monotonic()
+  while True:
+    b0 = busy_cpu_s()
+    time.sleep(1.0)
+    load = busy_cpu_s() - b0
+    if load <= limit or time.monotonic() - t0 >= max_wait_s:
+      return time.monotonic() - t0, load

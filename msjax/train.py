@@ -14,7 +14,9 @@
 The step computes the loss over the *global* batch: each device embeds its slice of the
 batch, then computes the similarity rows of its own anchors against every gathered
 embedding (``losses.global_batch_loss`` inside ``jax.shard_map``), so no device holds a
-``[B, B]`` matrix and the gradient equals the single-device one.
+``[B, B]`` matrix and the gradient equals the single-device one. With ``config.xbm`` the
+state also holds a cross-batch memory and the step adds the memory term
+(``memory.global_xbm_loss``: each device's anchors against the replicated memory).
 """
 
 from __future__ import annotations

@@ -103,14 +103,23 @@ def _main(workdir, *overrides):
           "--config.xbm.size=40", "--config.xbm.start_step=2", *overrides]
 
 
+STEPS = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The workdir of the 60-step command run straight through (shared by both signals)."""
+  workdir = tmp_path_factory.mktemp("xbm") / "straight"
+  subprocess.run(_main(workdir, *STEPS), check=True, capture_output=True, timeout=600)
+  return workdir
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_killed_or_preempted_run_resumes_bit_identically(tmp_path, sig):
+def test_a_killed_or_preempted_run_resumes_bit_identically(tmp_path, uninterrupted, sig):
   """``python -m msjax.main`` stopped by SIGTERM (it checkpoints and exits) or killed
   with -9 after a checkpoint resumes to the same parameters and memory as a run that
   was never interrupted."""
-  steps = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4"]
-  subprocess.run(_main(tmp_path / "straight", *steps), check=True, capture_output=True,
-                 timeout=600)
+  steps = STEPS
   proc = subprocess.Popen(_main(tmp_path / "split", *steps), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   try:
@@ -132,7 +141,7 @@ def test_a_killed_or_preempted_run_resumes_bit_identically(tmp_path, sig):
   subprocess.run(_main(tmp_path / "split", *steps), check=True, capture_output=True,
                  timeout=600)
   c = _xbm(steps=60, start_step=2)
-  a, b = _params(tmp_path / "straight", c), _params(tmp_path / "split", c)
+  a, b = _params(uninterrupted, c), _params(tmp_path / "split", c)
   assert int(a["step"]) == int(b["step"]) == 60
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)

@@ -93,3 +93,34 @@ def test_blocked_square_matches_dense_in_float32_at_a_larger_batch():
       lambda e: L.ms_loss_from_embeddings(e, labels, block_size=64)))(emb)
   assert dense[1].dtype == jnp.float32
   chex.assert_trees_all_close(blocked, dense, rtol=2e-5, atol=1e-8)
+
+
+FUSED = [n for n in L.NAMES if L.get(n).value_and_weights is not None]
+
+
+def test_the_registry_declares_the_fused_forms_the_fast_paths_use():
+  """MS has both fused forms; a loss without them falls back to loss + weights."""
+  assert FUSED == ["ms"] and L.get("ms").value_and_symmetric_weights is not None
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("self_pair", ["value", "index"])
+def test_fused_forms_equal_the_loss_and_its_weights(batch, name, self_pair):
+  """``value_and_weights`` (square and rectangular, with empty columns) and
+  ``value_and_symmetric_weights`` give the loss's value and ``weights``, ``W + Wᵀ``."""
+  emb, labels = batch
+  entry = L.get(name)
+  sim = jnp.asarray(emb @ emb.T)
+  value, w = entry.value_and_weights(sim, labels, self_pair=self_pair)
+  assert float(value) == pytest.approx(float(entry.loss(sim, labels, self_pair=self_pair)),
+                                       rel=1e-12)
+  chex.assert_trees_all_close(w, entry.weights(sim, labels, self_pair=self_pair), atol=1e-15)
+  value, sym = entry.value_and_symmetric_weights(sim, labels, self_pair=self_pair)
+  chex.assert_trees_all_close(sym, w + w.T, atol=1e-15)
+  rows, valid = np.arange(0, len(labels), 3), np.arange(len(labels)) % 4 != 1
+  kw = dict(ref_labels=labels, anchor_index=rows, ref_valid=valid, self_pair=self_pair)
+  value, w = entry.value_and_weights(sim[rows], labels[rows], **kw)
+  assert float(value) == pytest.approx(float(entry.loss(sim[rows], labels[rows], **kw)),
+                                       rel=1e-12)
+  chex.assert_trees_all_close(w, entry.weights(sim[rows], labels[rows], **kw), atol=1e-15)
+  assert np.all(np.asarray(w)[:, ~valid] == 0)

@@ -3,9 +3,10 @@
 For ``S = Q Rᵀ`` and ``W = ∂L/∂S`` (the loss's closed-form weights), the chain rule gives
 ``∂L/∂Q = W R`` and ``∂L/∂R = Wᵀ Q``; for the square batch ``Q = R = E`` it is
 ``∂L/∂E = (W + Wᵀ) E``. So the value and gradient cost two ``B×B×D`` matmuls (the
-floor) plus elementwise work, and nothing is differentiated through masks or sorts. For
-MS, ``W + Wᵀ`` is formed elementwise from per-row statistics (``S = E Eᵀ`` is symmetric),
-so no B×B matrix is transposed.
+floor) plus elementwise work, and nothing is differentiated through masks or sorts. The
+registry's fused forms of a loss are used where it has them: for MS, one set of row
+statistics gives both the value and W, and ``W + Wᵀ`` is formed elementwise from them
+(``S = E Eᵀ`` is symmetric), so no B×B matrix is transposed.
 
 ``block_size`` evaluates the anchors in row blocks: each block's similarity rows, loss and
 weights are formed, used for its share of the gradient, and dropped, so the peak memory is
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from msjax.losses import gpw, ms, registry
+from msjax.losses import gpw, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +50,19 @@ class _Spec:
     return registry.get(self.name).weights(sim, labels, **kwargs)
 
   def value_and_weights(self, sim, labels, ref_labels, anchor_index, ref_valid=None):
-    if self.name == "ms":  # one set of row statistics serves both
+    entry = registry.get(self.name)
+    if entry.value_and_weights is not None:  # a fused form: one pass serves both
       kwargs = self._kwargs(ref_labels, anchor_index, ref_valid)
-      return ms.ms_value_and_weights(sim, labels, **kwargs)
+      return entry.value_and_weights(sim, labels, **kwargs)
     return (self.value(sim, labels, ref_labels, anchor_index, ref_valid),
             self.weights(sim, labels, ref_labels, anchor_index, ref_valid))
 
   def value_and_symmetric_weights(self, sim, labels, anchor_index):
-    """``(L, W + Wᵀ)`` on the square batch; MS forms ``W + Wᵀ`` without a transpose."""
-    if self.name == "ms" and self.default_anchors:
-      return ms.ms_value_and_symmetric_weights(
+    """``(L, W + Wᵀ)`` on the square batch, without a transpose where the loss's fused
+    symmetric form exists (MS: ``W + Wᵀ`` from per-row statistics)."""
+    entry = registry.get(self.name)
+    if entry.value_and_symmetric_weights is not None and self.default_anchors:
+      return entry.value_and_symmetric_weights(
           sim, labels, anchor_index=anchor_index, batch_size=self.batch_size,
           **dict(self.hparams))
     value, weights = self.value_and_weights(sim, labels, labels, anchor_index)

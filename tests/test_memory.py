@@ -651,3 +651,14 @@ def test_sharded_float32_with_bfloat16_memory(sharded):
         assert step[part] == pytest.approx(step["ref_" + part], rel=1e-5, abs=1e-6), where
       assert step["grad_err"] <= 1e-4 * step["grad_scale"], where
       assert step["memory_identical"], where
+
+
+def test_memory_telemetry_on_eight_devices_equals_one(sharded):
+  """The memory-pair telemetry of the last step (``gpw_memory/``), sharded over 8
+  devices, equals one device's: the same histograms, scalars within float32 reduction
+  order, and every negative pair with the filled memory counted, as NumPy counts them."""
+  for r in sharded["runs"]:
+    assert r["telemetry_histograms_equal"], r["name"]
+    assert r["telemetry_rel_diff"] < 1e-5, r
+    assert r["telemetry_nan_keys"] == [], r
+    assert r["telemetry_neg_pairs"] == r["expected_neg_pairs"] > 0

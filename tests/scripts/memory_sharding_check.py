@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from msjax import memory as xbm  # noqa: E402
+from msjax import telemetry  # noqa: E402
 
 # 4 rows per device; a memory of 56 (not a multiple of 32) wraps mid-batch; 2 warm-up steps.
 BATCH, DIM, SIZE, START, NUM_STEPS, WEIGHT = 32, 8, 56, 2, 7, 0.5
@@ -94,10 +95,25 @@ def run(name, memory_block_size, dtype, memory_dtype, steps):
     filled.append(int(mem1.filled))
     active_flags.append(bool(active))
   enqueued = BATCH * sum(active_flags)
+  # The memory-pair telemetry of the last step, sharded and on one device.
+  tele8 = telemetry.make_memory_telemetry_fn(mesh8, name, {})
+  tele1 = telemetry.make_memory_telemetry_fn(mesh1, name, {})
+  (scalars8, hists8), (scalars1, hists1) = jax.device_get(
+      (tele8(args8[0], args8[1], mem8), tele1(jnp.asarray(emb), jnp.asarray(labels), mem1)))
+  telemetry_diff = max(abs(float(scalars8[k]) - float(scalars1[k]))
+                       / max(abs(float(scalars1[k])), 1e-30)
+                       for k in scalars1 if np.isfinite(scalars1[k]))
   return dict(name=name, memory_block_size=memory_block_size, dtype=np.dtype(dtype).name,
               memory_dtype=str(jnp.dtype(memory_dtype)), batch=BATCH, memory_size=SIZE,
               devices=8, active=active_flags, filled=filled, wrapped=enqueued > SIZE,
-              dot_shapes=dot_shapes, steps=out_steps)
+              dot_shapes=dot_shapes, steps=out_steps, telemetry_rel_diff=telemetry_diff,
+              telemetry_histograms_equal=all(np.array_equal(hists8[k], hists1[k])
+                                             for k in hists1),
+              telemetry_neg_pairs=int(sum(hists1["neg_sim"])),
+              # Counted here with NumPy: anchors × filled slots of another label.
+              expected_neg_pairs=int((np.asarray(labels)[:, None] != np.asarray(
+                  mem1.labels)[None, :int(mem1.filled)]).sum()),
+              telemetry_nan_keys=sorted(k for k in scalars1 if not np.isfinite(scalars1[k])))
 
 
 def main():

@@ -36,11 +36,13 @@ identical by construction.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from msjax.losses import embeddings as embeddings_lib
 
@@ -188,7 +190,18 @@ def global_xbm_loss(emb, labels, memory: Memory, active, *, axis_name, weight=1.
   return XBMLoss(batch_value + weight * memory_value, batch_value, memory_value, new_memory)
 
 
-def check_config(size: int, start_step: int, weight: float, dtype: str, *,
+def sharded_xbm_loss(mesh, axis_name, **kwargs):
+  """``global_xbm_loss`` under ``jax.shard_map`` over ``mesh``: ``(emb, labels, memory,
+  active) -> XBMLoss``, the embeddings and labels sharded over ``axis_name``, the memory
+  and the switch replicated in, every field of ``XBMLoss`` replicated out. ``kwargs``
+  are ``global_xbm_loss``'s (the loss, its hyper-parameters, ``weight``, block sizes)."""
+  batch, replicated = PartitionSpec(axis_name), PartitionSpec()
+  return jax.shard_map(functools.partial(global_xbm_loss, axis_name=axis_name, **kwargs),
+                       mesh=mesh, in_specs=(batch, batch, replicated, replicated),
+                       out_specs=replicated)
+
+
+def check_config(size: int, start_step: int, weight: float, dtype: str, block_size: int, *,
                  global_batch: int, num_steps: int) -> list[str]:
   """What is wrong with an XBM configuration, as messages naming ``config.xbm`` fields."""
   problems = []
@@ -206,4 +219,6 @@ def check_config(size: int, start_step: int, weight: float, dtype: str, *,
                     "config.xbm.enabled=False instead).")
   if dtype not in DTYPES:
     problems.append(f"config.xbm.dtype={dtype!r}; choose one of {DTYPES}.")
+  if int(block_size) < 0:
+    problems.append(f"config.xbm.block_size={block_size} must be ≥ 0 (0: one block).")
   return problems

@@ -86,10 +86,8 @@ def check_config(config, num_devices: int, process_count: int):
           "other references), so it cannot take a cross-batch memory; set "
           "config.xbm.enabled=False or use one of "
           f"{tuple(n for n in losses.NAMES if losses.get(n).rectangular)}.")
-    problems = memory.check_config(x.size, x.start_step, x.weight, x.dtype,
+    problems = memory.check_config(x.size, x.start_step, x.weight, x.dtype, x.block_size,
                                    global_batch=batch, num_steps=t.num_steps)
-    if int(x.block_size) < 0:
-      problems.append(f"config.xbm.block_size={x.block_size} must be ≥ 0 (0: one block).")
     if problems:
       raise ConfigError(" ".join(problems))
   if config.eval.split not in ("val", "test"):
@@ -198,16 +196,15 @@ def _merge(graph, state):
 
 def _loss_fn(mesh, loss_cfg, xbm_cfg):
   """``(emb, labels, memory, active) -> (loss, parts, memory)`` over the sharded batch."""
-  axis, batch, repl = sharding.BATCH_AXIS, PartitionSpec(sharding.BATCH_AXIS), PartitionSpec()
-  kwargs = dict(axis_name=axis, loss=loss_cfg.name, **loss_kwargs(loss_cfg))
+  axis = sharding.BATCH_AXIS
+  kwargs = dict(loss=loss_cfg.name, **loss_kwargs(loss_cfg))
   if xbm_cfg is None:
-    fn = jax.shard_map(functools.partial(losses.global_batch_loss, **kwargs), mesh=mesh,
-                       in_specs=(batch, batch), out_specs=repl)
+    fn = jax.shard_map(functools.partial(losses.global_batch_loss, axis_name=axis, **kwargs),
+                       mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
+                       out_specs=PartitionSpec())
     return lambda emb, labels, mem, active: (fn(emb, labels), {}, mem)
-  fn = jax.shard_map(
-      functools.partial(memory.global_xbm_loss, weight=float(xbm_cfg.weight),
-                        memory_block_size=int(xbm_cfg.block_size) or None, **kwargs),
-      mesh=mesh, in_specs=(batch, batch, repl, repl), out_specs=repl)
+  fn = memory.sharded_xbm_loss(mesh, axis, weight=float(xbm_cfg.weight),
+                               memory_block_size=int(xbm_cfg.block_size) or None, **kwargs)
 
   def xbm_loss(emb, labels, mem, active):
     r = fn(emb, labels, mem, active)

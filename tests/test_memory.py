@@ -181,10 +181,8 @@ def fresh_memory(size, dim=D, dtype=jnp.float64):
 @functools.cache
 def xbm_step(name, self_pair="value", memory_block_size=None, weight=WEIGHT):
   """``(emb, labels, memory, active) -> ((total, XBMLoss), d total/d emb)``, jitted once."""
-  fn = jax.shard_map(
-      functools.partial(xbm.global_xbm_loss, axis_name="batch", weight=weight, loss=name,
-                        memory_block_size=memory_block_size, self_pair=self_pair),
-      mesh=MESH, in_specs=(P("batch"), P("batch"), P(), P()), out_specs=P())
+  fn = xbm.sharded_xbm_loss(MESH, "batch", weight=weight, loss=name,
+                            memory_block_size=memory_block_size, self_pair=self_pair)
 
   def total(emb, labels, memory, active):
     out = fn(emb, labels, memory, active)
@@ -588,9 +586,10 @@ def test_warm_up_leaves_a_filled_memory_alone():
 
 def test_check_config_names_the_fields():
   """Each bad XBM setting is reported under its ``config.xbm`` name."""
-  assert xbm.check_config(64, 0, 1.0, "float32", global_batch=64, num_steps=10) == []
-  problems = xbm.check_config(32, 10, 0.0, "float16", global_batch=64, num_steps=10)
-  for field in ("size=32", "start_step=10", "weight=0.0", "dtype='float16'"):
+  assert xbm.check_config(64, 0, 1.0, "float32", 0, global_batch=64, num_steps=10) == []
+  problems = xbm.check_config(32, 10, 0.0, "float16", -1, global_batch=64, num_steps=10)
+  for field in ("size=32", "start_step=10", "weight=0.0", "dtype='float16'",
+                "block_size=-1"):
     assert any(f"config.xbm.{field}" in p for p in problems), (field, problems)
 
 

@@ -6,7 +6,6 @@ step to step on each: the loss parts, the gradient w.r.t. the batch, the memory 
 every step, and the result shapes of the dot_generals in the 8-device step's HLO.
 """
 
-import functools
 import json
 import re
 import sys
@@ -44,10 +43,8 @@ def make_steps(seed):
 
 
 def xbm_step(mesh, name, memory_block_size):
-  fn = jax.shard_map(
-      functools.partial(xbm.global_xbm_loss, axis_name="batch", weight=WEIGHT, loss=name,
-                        memory_block_size=memory_block_size),
-      mesh=mesh, in_specs=(P("batch"), P("batch"), P(), P()), out_specs=P())
+  fn = xbm.sharded_xbm_loss(mesh, "batch", weight=WEIGHT, loss=name,
+                            memory_block_size=memory_block_size)
 
   def total(emb, labels, memory, active):
     out = fn(emb, labels, memory, active)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from msjax import losses
 from msjax.losses import embeddings as embeddings_lib
 
 DTYPES = ("float32", "bfloat16")
@@ -102,8 +103,11 @@ def enqueue(memory: Memory, emb, labels) -> Memory:
                 jnp.minimum(memory.filled + count, memory.size))
 
 
-def memory_self_pair(self_pair: str) -> str:
-  """The self-pair rule of the memory term for a loss configured with ``self_pair``."""
+def memory_self_pair(self_pair: str | None, loss: str = "ms") -> str:
+  """The self-pair rule of the memory term for ``loss`` configured with ``self_pair``
+  (``None``: the loss's own default, ``"index"`` for SupCon, ``"value"`` for the rest)."""
+  if self_pair is None:
+    self_pair = losses.hparam_defaults(loss).get("self_pair", "value")
   return "index" if self_pair == "index" else "both"
 
 
@@ -124,7 +128,7 @@ def memory_loss(emb, labels, memory: Memory, *, anchor_slots, loss="ms", batch_s
   Returns:
     The scalar memory term (divided by ``batch_size``, default ``Bq``).
   """
-  hparams["self_pair"] = memory_self_pair(hparams.get("self_pair", "value"))
+  hparams["self_pair"] = memory_self_pair(hparams.get("self_pair"), loss)
   return embeddings_lib.pair_loss_from_embeddings(
       emb, labels, loss=loss, ref_emb=memory.embeddings, ref_labels=memory.labels,
       anchor_index=jnp.asarray(anchor_slots, jnp.int32), ref_valid=valid(memory),

@@ -104,12 +104,46 @@ def ms_loss(sim, labels, ref_labels, anchor_index, alpha=2.0, beta=40.0, lam=0.5
   return total / sim.shape[0]
 
 
+def circle_loss(sim, labels, ref_labels, anchor_index, m=0.4, gamma=80.0, self_pair="value"):
+  """Circle loss (Sun et al. 2020, Eq. 6 with the self-paced factors of Eq. 4), per anchor:
+  ``log(1 + Σ_n Σ_p e^{γ(a_n (s_n − m) − a_p (s_p − (1 − m)))})``, ``a_p = [1 + m − s_p]_+``,
+  ``a_n = [s_n + m]_+``; an anchor without positives or negatives adds 0."""
+  total = 0.0
+  for _, pos, neg in _rows(sim, labels, ref_labels, anchor_index, self_pair):
+    if len(pos) == 0 or len(neg) == 0:
+      continue
+    terms = []  # every (negative, positive) pair's exponent, summed in one log-sum-exp
+    for n in neg:
+      for p in pos:
+        a_n, a_p = max(n + m, 0.0), max(1.0 + m - p, 0.0)
+        terms.append(gamma * (a_n * (n - m) - a_p * (p - (1.0 - m))))
+    total += np.logaddexp.reduce([0.0] + terms)
+  return total / sim.shape[0]
+
+
+def supcon_loss(sim, labels, ref_labels, anchor_index, temperature=0.07, base_temperature=0.07,
+                self_pair="index"):
+  """SupCon's ``L^sup_out`` (Khosla et al. 2020, Eq. 2), per anchor: the mean over its
+  positives p of ``−log(e^{s_p/τ} / Σ_{a∈A} e^{s_a/τ})`` times τ/τ_b, with A every reference
+  but the anchor itself (its positives and negatives); an anchor without positives adds 0."""
+  total = 0.0
+  for _, pos, neg in _rows(sim, labels, ref_labels, anchor_index, self_pair):
+    if len(pos) == 0:
+      continue
+    log_denominator = np.logaddexp.reduce(np.concatenate([pos, neg]) / temperature)
+    per_positive = [log_denominator - p / temperature for p in pos]
+    total += temperature / base_temperature * sum(per_positive) / len(pos)
+  return total / sim.shape[0]
+
+
 LOSSES = {
     "ms": ms_loss,
     "contrastive": contrastive_loss,
     "triplet": triplet_loss,
     "lifted": lifted_loss,
     "binomial": binomial_loss,
+    "circle": circle_loss,
+    "supcon": supcon_loss,
 }
 
 

@@ -99,8 +99,10 @@ FUSED = [n for n in L.NAMES if L.get(n).value_and_weights is not None]
 
 
 def test_the_registry_declares_the_fused_forms_the_fast_paths_use():
-  """MS has both fused forms; a loss without them falls back to loss + weights."""
-  assert FUSED == ["ms"] and L.get("ms").value_and_symmetric_weights is not None
+  """MS, Circle and SupCon have both fused forms (one pass of row statistics); a loss
+  without them falls back to loss + weights."""
+  assert FUSED == ["ms", "circle", "supcon"]
+  assert all(L.get(n).value_and_symmetric_weights is not None for n in FUSED)
 
 
 @pytest.mark.parametrize("name", FUSED)

@@ -2,6 +2,7 @@
 
 import pytest
 
+import msjax.losses as L
 from scripts_run import run_json_script
 
 
@@ -12,7 +13,7 @@ def report():
 
 def test_runs_on_eight_devices(report):
   assert report["devices"] == 8
-  assert len(report["results"]) == 5 * 2 * 2
+  assert len(report["results"]) == len(L.NAMES) * 2 * 2
 
 
 def test_sharded_value_and_gradient_equal_single_device(report):

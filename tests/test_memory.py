@@ -181,8 +181,12 @@ def fresh_memory(size, dim=D, dtype=jnp.float64):
 @functools.cache
 def xbm_step(name, self_pair="value", memory_block_size=None, weight=WEIGHT):
   """``(emb, labels, memory, active) -> ((total, XBMLoss), d total/d emb)``, jitted once."""
+  # The oracle's gradient is a finite difference of the loop loss, which differentiates
+  # Circle's self-paced factors: compare with them differentiated (the value is the same).
+  hparams = dict(detach_alpha=False) if name == "circle" else {}
   fn = xbm.sharded_xbm_loss(MESH, "batch", weight=weight, loss=name,
-                            memory_block_size=memory_block_size, self_pair=self_pair)
+                            memory_block_size=memory_block_size, self_pair=self_pair,
+                            **hparams)
 
   def total(emb, labels, memory, active):
     out = fn(emb, labels, memory, active)

@@ -19,10 +19,10 @@ from msjax.losses import gpw
 
 def _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, alpha, beta,
              self_pair, name):
-  gpw.check_positive(name, alpha=alpha, beta=beta)
-  gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
-  return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                           ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
+  return gpw.checked_pairs(name, sim, labels, ref_labels=ref_labels,
+                           anchor_index=anchor_index, ref_valid=ref_valid,
+                           batch_size=batch_size, self_pair=self_pair, alpha=alpha,
+                           beta=beta)
 
 
 def _per_anchor_mean(x, mask):

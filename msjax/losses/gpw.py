@@ -149,6 +149,16 @@ def check_choice(loss_name: str, name: str, value, choices) -> None:
     raise ValueError(f"msjax.losses.{loss_name}: `{name}` must be one of {choices}, got {value!r}.")
 
 
+def checked_pairs(loss_name: str, sim, labels, *, ref_labels, anchor_index, ref_valid,
+                  batch_size, self_pair: str, **positive) -> Pairs:
+  """``prepare_pairs`` after checking ``self_pair`` and the hyper-parameters that must
+  be > 0 (``positive``): the opening every pair loss shares."""
+  check_positive(loss_name, **positive)
+  check_choice(loss_name, "self_pair", self_pair, SELF_PAIR_MODES)
+  return prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
+                       ref_valid=ref_valid, batch_size=batch_size, loss_name=loss_name)
+
+
 def pair_masks(pairs: Pairs, *, self_pair: str = "value", self_threshold: float = SELF_THRESHOLD):
   """Candidate positive and negative pairs, ``[Bq, Br]`` booleans each.
 

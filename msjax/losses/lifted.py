@@ -18,10 +18,9 @@ from msjax.losses import gpw
 
 def _terms(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, lam, scale,
            self_pair, self_threshold, name):
-  gpw.check_positive(name, scale=scale)
-  gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
-  pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                            ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
+  pairs = gpw.checked_pairs(name, sim, labels, ref_labels=ref_labels,
+                            anchor_index=anchor_index, ref_valid=ref_valid,
+                            batch_size=batch_size, self_pair=self_pair, scale=scale)
   pos, neg = gpw.pair_masks(pairs, self_pair=self_pair, self_threshold=self_threshold)
   s = pairs.sim
   inner = (lam + gpw.masked_log_sum_exp(-scale * s, pos, plus_one=False) / scale

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from msjax.losses import gpw, ms, registry
 
@@ -24,16 +25,22 @@ def pair_selection(sim, labels, *, loss="ms", ref_labels=None, anchor_index=None
 
   For ``loss="ms"`` the selection is the MS mining (step 1 of the released algorithm), so
   it includes mined pairs of anchors that end up contributing nothing (an empty mined
-  side); for the other losses a pair is selected when its weight is non-zero.
+  side); for the other losses a pair is selected when its weight is non-zero. For a
+  proxy loss ``sim`` is the samples' block against the proxies, whose classes are
+  ``ref_labels``.
   ``hparams`` are the loss's keywords (``batch_size=1`` gives the per-anchor weights
   ``w`` of the paper instead of ``w/m``).
   """
+  if registry.is_proxy(loss) and ref_labels is None:  # one proxy per class, as the loss
+    ref_labels = jnp.arange(jnp.shape(sim)[1], dtype=jnp.int32)
   weights = registry.get(loss).weights(sim, labels, ref_labels=ref_labels,
                                        anchor_index=anchor_index, ref_valid=ref_valid,
                                        **hparams)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
                             ref_valid=ref_valid, loss_name="pair_selection")
   mask_kw = {k: hparams[k] for k in ("self_pair", "self_threshold") if k in hparams}
+  if registry.is_proxy(loss):  # a proxy is never its sample's self pair
+    mask_kw = {"self_pair": "index"}
   pos, neg = gpw.pair_masks(pairs, **mask_kw)
   if loss == "ms":
     mining_kw = {k: hparams[k] for k in ("epsilon", "mining") if k in hparams}

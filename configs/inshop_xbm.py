@@ -25,7 +25,7 @@ def get_config():
   c.model.backbone = "resnet50"
   c.model.embedding_dim = 512
   c.loss.update(name="contrastive")
-  c.loss.other.lam = 0.5  # the released margin
+  c.loss.contrastive.lam = 0.5  # the released margin
   c.optim.update(lr=1e-4, weight_decay=5e-4)
   # Weight 1.0 and the start at 1,000 are the released values. The size is ours: the
   # released 55,000 is more than In-Shop's 25,882 training images, so the memory is

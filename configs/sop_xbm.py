@@ -26,7 +26,7 @@ def get_config():
   c.model.backbone = "resnet50"
   c.model.embedding_dim = 512  # the paper's 512-d row (the sample config has 128)
   c.loss.update(name="contrastive")
-  c.loss.other.lam = 0.5  # the released margin
+  c.loss.contrastive.lam = 0.5  # the released margin
   c.optim.update(lr=1e-4, weight_decay=5e-4)
   # Quoted from the released sample config: memory 55,000, weight 1.0, start at 1,000.
   c.xbm.update(enabled=True, size=55000, weight=1.0, start_step=1000)

@@ -237,6 +237,22 @@ class Checkpointer:
   # ----------------------------------------------------------------------------------
   # Restoring.
 
+  def saved_shape(self, name: str, step: int | None = None) -> tuple[int, ...] | None:
+    """The shape of leaf ``name`` (``flat_tree``'s key) saved at ``step`` (default: the
+    latest), read from the metadata; None when there is no checkpoint or no such leaf."""
+    steps = self.all_steps()
+    if not steps:
+      return None
+    try:
+      saved = self._manager.item_metadata(steps[-1] if step is None else int(step))
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged step.
+      raise self._unreadable(self.step_dir(steps[-1] if step is None else int(step)),
+                             steps, e) from e
+    tree = saved[STATE] if STATE in saved else None
+    leaves = {_path_name(p): leaf for p, leaf in
+              jax.tree_util.tree_flatten_with_path(getattr(tree, "tree", tree))[0]}
+    return tuple(leaves[name].shape) if name in leaves else None
+
   def restore(self, step: int | None = None, *, abstract_state: Any
               ) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
     """Reads checkpoint ``step`` (default: the latest) into the layout of ``abstract_state``.

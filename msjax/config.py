@@ -28,6 +28,13 @@ def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def loss_defaults() -> dict:
+  """``{name: {keyword: default}}`` of every registry loss but MS (whose hyper-parameters
+  sit at the top of ``config.loss``), read from the loss functions' signatures."""
+  from msjax import losses
+  return {name: losses.hparam_defaults(name) for name in losses.ALL_NAMES if name != "ms"}
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the released CUB-200 recipe of the MS paper (see configs/cub.py)."""
   c = ml_collections.ConfigDict()
@@ -44,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic = ml_collections.ConfigDict(dict(
       num_train_classes=128, num_test_classes=64, images_per_class=32, image_size=32,
       seed=0))
-  # P×K batches: P classes × K images each.
+  # P×K batches: P classes × K images each. sampler="random" draws batches of the same
+  # size P×K from shuffled images instead (proxy losses need no P×K structure).
+  d.sampler = "pk"
   d.classes_per_batch = 16
   d.images_per_class = 5
   d.pad_small_classes = False  # classes with < K images: draw with replacement, or refuse
@@ -71,10 +80,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms"))
-  # Keywords for the other registry losses (contrastive, triplet, lifted, binomial).
+  # Every other registry loss's keywords with their defaults, one section per loss:
+  # --config.loss.name=circle --config.loss.circle.gamma=64.
+  for name, kwargs in loss_defaults().items():
+    c.loss[name] = ml_collections.ConfigDict(kwargs)
+  # Overrides for the named loss (non-MS) on top of its section, as a config file sets.
   c.loss.other = ml_collections.ConfigDict()
 
-  # Adam with PyTorch's weight decay (added to the gradient), lr × lr_decay at lr_steps.
+  # Adam with PyTorch's weight decay (added to the gradient), or "adamw" (decoupled, as
+  # PyTorch's AdamW); lr × lr_decay at lr_steps.
   c.optim = o = ml_collections.ConfigDict()
   o.name = "adam"
   o.lr = 3e-5
@@ -85,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   o.warmup_steps = 0
   o.backbone_lr_mult = 1.0
   o.head_lr_mult = 1.0
+  # A proxy loss's class proxies are a parameter group of their own (Proxy-Anchor: ×100).
+  o.proxy_lr_mult = 1.0
+  o.proxy_weight_decay = 0.0
+  o.clip_value = 0.0           # >0: clip every gradient element to ±clip_value (0: off)
+  o.frozen_backbone_steps = 0  # the backbone waits this many steps; head and proxies train
 
   # Cross-batch memory (msjax.memory; docs/memory.md): after start_step steps, every step
   # adds weight · L(batch anchors, last `size` embeddings) to the batch loss.

@@ -134,7 +134,9 @@ def restore(workdir, *, step: int | None = None, best: bool = False) -> Restored
   except checkpoint.CheckpointError as e:
     raise ExportError(str(e)) from None
   run = analysis.load_run(workdir, step=step, load_data=False)
-  variables = jax.device_get({"params": run.state["params"], "rest": run.state["rest"]})
+  # The embedder only: a proxy loss's class proxies stay with the training run.
+  variables = jax.device_get({"params": train.model_params(run.state["params"]),
+                              "rest": run.state["rest"]})
   for name, leaf in train.flat_tree(variables).items():
     if np.asarray(leaf).dtype.kind not in "fiub":  # npz holds plain arrays only
       raise ExportError(f"{name} is a {np.asarray(leaf).dtype} array; only numeric "

@@ -16,7 +16,8 @@ it returns, under ``gpw/``, to TensorBoard and ``metrics.jsonl``:
 
 With a cross-batch memory (``msjax.memory``), ``make_memory_telemetry_fn`` gives the same
 keys for the batch's pairs with the memory, written under ``gpw_memory/``: which memory
-negatives carry weight, next to ``gpw/``'s batch negatives.
+negatives carry weight, next to ``gpw/``'s batch negatives. A proxy loss is summarised
+over its sample-to-proxy pairs instead (``make_proxy_telemetry_fn``), under ``gpw/``.
 
 Beside these scalars it returns the histograms behind the quantiles, in coarser bins
 (``HISTOGRAM_BINS``, edges from ``histogram_edges``), which the loop writes as TensorBoard
@@ -127,9 +128,13 @@ def partial_stats(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=
   s = losses.pair_selection(sim, labels, loss=loss, ref_labels=ref_labels,
                             anchor_index=anchor_index, ref_valid=ref_valid, batch_size=1,
                             **hparams)
+  return _summary_stats(sim, s.weights, s.pos, s.neg, s.selected)
+
+
+def _summary_stats(sim, weights, pos, neg, selected):
+  """``partial_stats`` from a block's weights (per anchor), candidate pairs and selection."""
   sim = jnp.asarray(sim, jnp.promote_types(jnp.asarray(sim).dtype, jnp.float32))
-  w_pos, w_neg, pos_sel, neg_sel, empty = gpw.select_weights(s.weights, s.pos, s.neg,
-                                                             s.selected)
+  w_pos, w_neg, pos_sel, neg_sel, empty = gpw.select_weights(weights, pos, neg, selected)
 
   def count(mask):
     return jnp.sum(mask, dtype=jnp.int32)
@@ -140,17 +145,17 @@ def partial_stats(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=
   return {
       "anchors": jnp.asarray(sim.shape[0], jnp.int32),
       "empty_anchors": count(empty),
-      "pos_pairs": count(s.pos), "neg_pairs": count(s.neg),
+      "pos_pairs": count(pos), "neg_pairs": count(neg),
       "pos_selected": count(pos_sel), "neg_selected": count(neg_sel),
       "pos_weight_sum": jnp.sum(jnp.where(pos_sel, w_pos, 0.0)),
       "neg_weight_sum": jnp.sum(jnp.where(neg_sel, w_neg, 0.0)),
       "pos_weight_max": jnp.max(jnp.where(pos_sel, w_pos, 0.0)),
       "neg_weight_max": jnp.max(jnp.where(neg_sel, w_neg, 0.0)),
-      "pos_sim": _histogram(sim, s.pos, *SIM_RANGE, SIM_BINS),
-      "neg_sim": _histogram(sim, s.neg, *SIM_RANGE, SIM_BINS),
-      "pos_weight": _histogram(log10(w_pos), s.pos & (w_pos > 0), *LOG10_WEIGHT_RANGE,
+      "pos_sim": _histogram(sim, pos, *SIM_RANGE, SIM_BINS),
+      "neg_sim": _histogram(sim, neg, *SIM_RANGE, SIM_BINS),
+      "pos_weight": _histogram(log10(w_pos), pos & (w_pos > 0), *LOG10_WEIGHT_RANGE,
                                WEIGHT_BINS),
-      "neg_weight": _histogram(log10(w_neg), s.neg & (w_neg > 0), *LOG10_WEIGHT_RANGE,
+      "neg_weight": _histogram(log10(w_neg), neg & (w_neg > 0), *LOG10_WEIGHT_RANGE,
                                WEIGHT_BINS),
   }
 
@@ -188,6 +193,23 @@ def batch_telemetry(sim, labels, *, loss="ms", **hparams) -> dict:
   return finalize(partial_stats(sim, labels, loss=loss, **hparams))
 
 
+def _sharded_summary(local_stats, mesh, *, replicated: int = 0):
+  """Jitted ``(embeddings, labels, *replicated args) -> (scalars, histograms)``:
+  ``local_stats`` (one device's ``partial_stats``) under ``shard_map``, the embeddings
+  and labels sharded over the batch axis, then combined over devices and finalised."""
+  axis = sharding.BATCH_AXIS
+
+  def local(*args):
+    stats = {k: (jax.lax.pmax if k in _MAXES else jax.lax.psum)(v, axis)
+             for k, v in local_stats(*args).items()}
+    return finalize(stats), coarse_histograms(stats)
+
+  fn = jax.shard_map(local, mesh=mesh,
+                     in_specs=(PartitionSpec(axis),) * 2 + (PartitionSpec(),) * replicated,
+                     out_specs=(PartitionSpec(), PartitionSpec()))
+  return jax.jit(fn)
+
+
 def make_telemetry_fn(mesh, loss: str, hparams: dict):
   """Jitted ``(embeddings [B, D], labels [B]) -> ({KEYS: scalar}, {name: counts})``, the
   inputs batch-sharded: the scalars and the ``coarse_histograms``.
@@ -205,16 +227,30 @@ def make_telemetry_fn(mesh, loss: str, hparams: dict):
     anchor_index = (jax.lax.axis_index(axis) * local_count
                     + jnp.arange(local_count, dtype=jnp.int32))
     sim = jnp.matmul(emb, all_emb.T, precision=jax.lax.Precision.HIGHEST)
-    stats = partial_stats(sim, labels, ref_labels=all_labels, anchor_index=anchor_index,
-                          loss=loss, **hparams)
-    stats = {k: (jax.lax.pmax if k in _MAXES else jax.lax.psum)(v, axis)
-             for k, v in stats.items()}
-    return finalize(stats), coarse_histograms(stats)
+    return partial_stats(sim, labels, ref_labels=all_labels, anchor_index=anchor_index,
+                         loss=loss, **hparams)
 
-  fn = jax.shard_map(local, mesh=mesh,
-                     in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
-                     out_specs=(PartitionSpec(), PartitionSpec()))
-  return jax.jit(fn)
+  return _sharded_summary(local, mesh)
+
+
+def make_proxy_telemetry_fn(mesh, loss: str, hparams: dict):
+  """Jitted ``(embeddings [B, D], labels [B], proxies [C, D]) -> (scalars, histograms)``
+  for a proxy loss: the same ``KEYS`` over the sample-to-proxy pairs (a positive is a
+  sample's own class proxy). Each device takes its samples' ``[B/n, C]`` rows; the
+  weights are per sample (``batch_size=1``), and Proxy-Anchor's per-proxy sums run over
+  the whole batch (``axis_name``), as in training.
+  """
+  axis = sharding.BATCH_AXIS
+
+  def local(emb, labels, proxies):
+    unit = losses.normalize_proxies(proxies.astype(jnp.float32))
+    sim = jnp.matmul(emb.astype(jnp.float32), unit.T, precision=jax.lax.Precision.HIGHEST)
+    s = losses.pair_selection(sim, labels, loss=loss,
+                              ref_labels=jnp.arange(proxies.shape[0], dtype=jnp.int32),
+                              **{**hparams, "batch_size": 1, "axis_name": axis})
+    return _summary_stats(sim, s.weights, s.pos, s.neg, s.selected)
+
+  return _sharded_summary(local, mesh, replicated=1)
 
 
 def make_memory_telemetry_fn(mesh, loss: str, hparams: dict):
@@ -230,7 +266,7 @@ def make_memory_telemetry_fn(mesh, loss: str, hparams: dict):
   from msjax import memory as memory_lib
   axis = sharding.BATCH_AXIS
   hparams = dict(hparams, self_pair=memory_lib.memory_self_pair(
-      hparams.get("self_pair", "value")))
+      hparams.get("self_pair"), loss))
 
   def local(emb, labels, mem):
     emb = emb.astype(jnp.float32)
@@ -240,15 +276,9 @@ def make_memory_telemetry_fn(mesh, loss: str, hparams: dict):
     own = jax.lax.axis_index(axis) * local_count + jnp.arange(local_count, dtype=jnp.int32)
     sim = jnp.matmul(emb, mem.embeddings.astype(jnp.float32).T,
                      precision=jax.lax.Precision.HIGHEST)
-    stats = partial_stats(sim, labels, ref_labels=mem.labels,
-                          anchor_index=(first + own) % mem.size,
-                          ref_valid=memory_lib.valid(mem), loss=loss, **hparams)
-    stats = {k: (jax.lax.pmax if k in _MAXES else jax.lax.psum)(v, axis)
-             for k, v in stats.items()}
-    return finalize(stats), coarse_histograms(stats)
+    return partial_stats(sim, labels, ref_labels=mem.labels,
+                         anchor_index=(first + own) % mem.size,
+                         ref_valid=memory_lib.valid(mem), loss=loss, **hparams)
 
-  fn = jax.shard_map(local, mesh=mesh,
-                     in_specs=(PartitionSpec(axis), PartitionSpec(axis), PartitionSpec()),
-                     out_specs=(PartitionSpec(), PartitionSpec()))
-  return jax.jit(fn)
+  return _sharded_summary(local, mesh, replicated=1)
 

@@ -4,9 +4,10 @@
 
 1. check the config and the data before anything compiles;
 2. build the model (``msjax.models``), the optimiser (Adam with weight decay added to the
-   gradient, as PyTorch's Adam does; multi-step decay, optional warmup; separate
-   learning-rate multipliers for backbone and head) and the state, replicated on a mesh
-   whose ``"batch"`` axis spans every device of every process;
+   gradient, as PyTorch's Adam does, or AdamW; multi-step decay, optional warmup;
+   separate learning-rate multipliers for backbone, head and a proxy loss's proxies) and
+   the state, replicated on a mesh whose ``"batch"`` axis spans every device of every
+   process;
 3. loop: global P×K batch → step → metrics, periodic evaluation, checkpoints (resuming
    from the latest one, input position included), preemption and non-finite checks;
 4. write ``<workdir>/final_metrics.json`` and print the final table.
@@ -16,7 +17,10 @@ batch, then computes the similarity rows of its own anchors against every gather
 embedding (``losses.global_batch_loss`` inside ``jax.shard_map``), so no device holds a
 ``[B, B]`` matrix and the gradient equals the single-device one. With ``config.xbm`` the
 state also holds a cross-batch memory and the step adds the memory term
-(``memory.global_xbm_loss``: each device's anchors against the replicated memory).
+(``memory.global_xbm_loss``: each device's anchors against the replicated memory). A
+proxy loss (``losses.PROXY_NAMES``) keeps one learned proxy per training class in
+``params["proxies"]``; each device takes its samples' rows against every proxy, and the
+loss sums what the proxies need over devices (``losses.proxy_loss_from_embeddings``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import jax
@@ -44,14 +49,19 @@ class ConfigError(ValueError):
   """An inconsistent config; the message names the field and how to fix it."""
 
 
+PROXIES = "proxies"  # the key of a proxy loss's proxies in params (beside the model's)
+OPTIMIZERS = ("adam", "adamw")
+
+
 def loss_kwargs(loss_cfg) -> dict:
   """``config.loss`` → keyword arguments of the registry loss it names."""
-  if loss_cfg.name not in losses.NAMES:
-    raise ConfigError(f"config.loss.name={loss_cfg.name!r}; choose one of {losses.NAMES}.")
+  if loss_cfg.name not in losses.ALL_NAMES:
+    raise ConfigError(f"config.loss.name={loss_cfg.name!r}; choose one of "
+                      f"{losses.ALL_NAMES}.")
   if loss_cfg.name == "ms":
     return {k: loss_cfg[k] for k in ("alpha", "beta", "lam", "epsilon", "mining",
                                      "weighting")}
-  return dict(loss_cfg.get("other") or {})
+  return {**dict(loss_cfg.get(loss_cfg.name) or {}), **dict(loss_cfg.get("other") or {})}
 
 
 def check_config(config, num_devices: int, process_count: int):
@@ -76,6 +86,16 @@ def check_config(config, num_devices: int, process_count: int):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or "
                       "'bfloat16'.")
   loss_kwargs(config.loss)
+  from msjax.data import SAMPLERS
+  if d.get("sampler", "pk") not in SAMPLERS:
+    raise ConfigError(f"config.data.sampler={d.sampler!r}; choose one of {SAMPLERS}.")
+  o = config.optim
+  if o.name not in OPTIMIZERS:
+    raise ConfigError(f"config.optim.name={o.name!r}; choose one of {OPTIMIZERS}.")
+  for field in ("clip_value", "frozen_backbone_steps", "proxy_weight_decay",
+                "proxy_lr_mult"):
+    if o.get(field, 0) < 0:
+      raise ConfigError(f"config.optim.{field}={o[field]} must be ≥ 0.")
   if t.num_steps < 1:
     raise ConfigError(f"config.train.num_steps={t.num_steps} must be positive.")
   if xbm_enabled(config):
@@ -126,25 +146,60 @@ def learning_rate_schedule(o, num_steps: int) -> optax.Schedule:
   return lambda count: decay(count) * jnp.minimum(1.0, (count + 1) / warmup)
 
 
-def build_optimizer(o, num_steps: int) -> optax.GradientTransformation:
+def frozen_for(steps: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` from update ``steps`` on, zero updates before; ``inner``'s state waits too,
+  as PyTorch's ``requires_grad=False`` leaves Adam's moments and step count untouched."""
+  def init(params):
+    return jnp.zeros((), jnp.int32), inner.init(params)
+
+  def update(updates, state, params=None):
+    count, inner_state = state
+    new_updates, inner_state = jax.lax.cond(
+        count >= steps, lambda: inner.update(updates, inner_state, params),
+        lambda: (jax.tree.map(jnp.zeros_like, updates), inner_state))
+    return new_updates, (optax.safe_increment(count), inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(o, num_steps: int, *, proxies: bool = False
+                    ) -> optax.GradientTransformation:
   """Adam with PyTorch's weight decay (``wd · θ`` added to the gradient before the
-  moments, not AdamW's decoupled decay), and per-group learning-rate multipliers."""
-  if o.name != "adam":
-    raise ConfigError(f"config.optim.name={o.name!r}; 'adam' is the supported optimiser.")
+  moments), or ``o.name="adamw"`` with PyTorch's decoupled decay (``lr · wd · θ``), and
+  per-group learning-rate multipliers: backbone, head and, with ``proxies``, a proxy
+  loss's proxies (with their own weight decay). ``o.clip_value`` clips every gradient
+  element first; ``o.frozen_backbone_steps`` holds the backbone still while the head and
+  proxies start. Without these options the optimiser state has the layout it always had,
+  so earlier checkpoints resume."""
+  if o.name not in OPTIMIZERS:
+    raise ConfigError(f"config.optim.name={o.name!r}; choose one of {OPTIMIZERS}.")
   schedule = learning_rate_schedule(o, num_steps)
 
-  def group(mult):
-    return optax.chain(
-        optax.add_decayed_weights(float(o.weight_decay)),
-        optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps)),
-        optax.scale_by_learning_rate(lambda count: schedule(count) * mult))
+  def group(mult, weight_decay, frozen_steps=0):
+    decay = optax.add_decayed_weights(float(weight_decay))
+    adam = optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps))
+    moments = (adam, decay) if o.name == "adamw" else (decay, adam)
+    # The schedule counts every step, frozen ones included (PyTorch's StepLR does).
+    lr = optax.scale_by_learning_rate(lambda count: schedule(count) * mult)
+    if frozen_steps:
+      return optax.chain(frozen_for(int(frozen_steps), optax.chain(*moments)), lr)
+    return optax.chain(*moments, lr)
+
+  groups = {"backbone": group(float(o.backbone_lr_mult), o.weight_decay,
+                              o.get("frozen_backbone_steps", 0)),
+            "head": group(float(o.head_lr_mult), o.weight_decay)}
+  if proxies:
+    groups[PROXIES] = group(float(o.get("proxy_lr_mult", 1.0)),
+                            o.get("proxy_weight_decay", 0.0))
 
   def labels(params):
-    return {k: jax.tree.map(lambda _: "head" if k == "head" else "backbone", v)
+    return {k: jax.tree.map(lambda _: k if k in ("head", PROXIES) else "backbone", v)
             for k, v in params.items()}
 
-  return optax.multi_transform({"backbone": group(float(o.backbone_lr_mult)),
-                                "head": group(float(o.head_lr_mult))}, labels)
+  tx = optax.multi_transform(groups, labels)
+  if o.get("clip_value", 0.0):
+    tx = optax.chain(optax.clip(float(o.clip_value)), tx)
+  return tx
 
 
 # ---------------------------------------------------------------------------- state
@@ -173,11 +228,16 @@ def create_model(config, *, seed: int):
   return Model(train_graph, eval_graph, models.INPUT_CONVENTIONS[m.backbone]), params, rest
 
 
-def init_state(config, tx, mesh, *, seed: int):
-  """``(Model, state)``; the state is replicated over ``mesh``."""
+def init_state(config, tx, mesh, *, seed: int, num_proxies: int | None = None):
+  """``(Model, state)``; the state is replicated over ``mesh``. A proxy loss needs
+  ``num_proxies`` (one per training class), initialised as its authors do."""
   model, params, rest = create_model(config, seed=seed)
   state = {"params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest),
            "step": jnp.zeros((), jnp.int32)}
+  if losses.is_proxy(config.loss.name):
+    init = losses.get(config.loss.name).proxy_init
+    key = jax.random.fold_in(jax.random.key(seed), 0x9E0)  # apart from the model's
+    state["params"][PROXIES] = init(key, int(num_proxies), int(config.model.embedding_dim))
   state["opt_state"] = tx.init(state["params"])
   if xbm_enabled(config):
     dtype = jnp.bfloat16 if config.xbm.dtype == "bfloat16" else jnp.float32
@@ -185,8 +245,13 @@ def init_state(config, tx, mesh, *, seed: int):
   return model, sharding.replicate(state, mesh)
 
 
+def model_params(params: dict) -> dict:
+  """``params`` without a proxy loss's proxies: what the embedding model holds."""
+  return {k: v for k, v in params.items() if k != PROXIES}
+
+
 def _merge(graph, state):
-  params = nnx.State(state["params"])
+  params = nnx.State(model_params(state["params"]))
   rest = nnx.State(state["rest"])
   return nnx.merge(graph, params, rest)
 
@@ -195,18 +260,24 @@ def _merge(graph, state):
 
 
 def _loss_fn(mesh, loss_cfg, xbm_cfg):
-  """``(emb, labels, memory, active) -> (loss, parts, memory)`` over the sharded batch."""
+  """``(emb, labels, memory, active, proxies) -> (loss, parts, memory)`` over the sharded
+  batch; ``proxies`` (replicated) only for a proxy loss, ``memory`` only with XBM."""
   axis = sharding.BATCH_AXIS
   kwargs = dict(loss=loss_cfg.name, **loss_kwargs(loss_cfg))
+  batch, replicated = PartitionSpec(axis), PartitionSpec()
+  if losses.is_proxy(loss_cfg.name):
+    fn = jax.shard_map(
+        functools.partial(losses.proxy_loss_from_embeddings, axis_name=axis, **kwargs),
+        mesh=mesh, in_specs=(batch, batch, replicated), out_specs=replicated)
+    return lambda emb, labels, mem, active, proxies: (fn(emb, labels, proxies), {}, mem)
   if xbm_cfg is None:
     fn = jax.shard_map(functools.partial(losses.global_batch_loss, axis_name=axis, **kwargs),
-                       mesh=mesh, in_specs=(PartitionSpec(axis), PartitionSpec(axis)),
-                       out_specs=PartitionSpec())
-    return lambda emb, labels, mem, active: (fn(emb, labels), {}, mem)
+                       mesh=mesh, in_specs=(batch, batch), out_specs=replicated)
+    return lambda emb, labels, mem, active, proxies: (fn(emb, labels), {}, mem)
   fn = memory.sharded_xbm_loss(mesh, axis, weight=float(xbm_cfg.weight),
                                memory_block_size=int(xbm_cfg.block_size) or None, **kwargs)
 
-  def xbm_loss(emb, labels, mem, active):
+  def xbm_loss(emb, labels, mem, active, proxies):
     r = fn(emb, labels, mem, active)
     return r.total, {"batch_loss": r.batch, "memory_loss": r.memory}, r.new_memory
 
@@ -219,10 +290,11 @@ def make_train_step(model: Model, tx, mesh, loss_cfg, xbm_cfg=None):
   ``outputs`` holds the replicated scalars ``loss`` and ``grad_norm`` (with a cross-batch
   memory, ``xbm_cfg``, also ``batch_loss`` and ``memory_loss``), and the batch's
   train-mode ``embeddings`` (the ones the loss saw), left sharded over the batch axis for
-  the pair-weight telemetry. The state is donated and stays replicated, the memory
+  the pair-weight telemetry, and with a proxy loss the ``proxies`` the loss saw. The state is donated and stays replicated, the memory
   included; images and labels are sharded over the batch axis.
   """
   loss_fn = _loss_fn(mesh, loss_cfg, xbm_cfg)
+  proxy = losses.is_proxy(loss_cfg.name)
 
   def step(state, images, labels):
     x = transforms.normalize(images, model.convention, xp=jnp)
@@ -234,7 +306,7 @@ def make_train_step(model: Model, tx, mesh, loss_cfg, xbm_cfg=None):
       net = _merge(model.train_graph, {**state, "params": params})
       emb = net(x)
       _, _, rest = nnx.split(net, nnx.Param, ...)
-      loss, parts, new_mem = loss_fn(emb, labels, mem, active)
+      loss, parts, new_mem = loss_fn(emb, labels, mem, active, params.get(PROXIES))
       return loss, (nnx.to_pure_dict(rest), emb, parts, new_mem)
 
     (loss, (rest, emb, parts, new_mem)), grads = jax.value_and_grad(
@@ -245,13 +317,17 @@ def make_train_step(model: Model, tx, mesh, loss_cfg, xbm_cfg=None):
            "step": state["step"] + 1}
     if mem is not None:
       new["memory"] = new_mem
-    return new, {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
-                 "embeddings": emb}
+    out = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads), "embeddings": emb}
+    if proxy:  # the proxies the loss saw, for the telemetry (the state's have moved on)
+      out[PROXIES] = state["params"][PROXIES]
+    return new, out
 
   repl = sharding.replicated(mesh)
   outputs = {"loss": repl, "grad_norm": repl, "embeddings": sharding.batch_sharded(mesh)}
   if xbm_cfg is not None:
     outputs.update(batch_loss=repl, memory_loss=repl)
+  if proxy:
+    outputs[PROXIES] = repl
   return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, outputs))
 
 
@@ -343,14 +419,29 @@ def _setup(config, workdir, *, training: bool, load_data: bool = True):
   dataset = data_lib.load_dataset(config.data) if load_data else None
   if training:
     data_lib.check_small_classes(dataset.train, config.data)
-  tx = build_optimizer(config.optim, config.train.num_steps)
-  model, state = init_state(config, tx, mesh, seed=config.seed)
+  tx = build_optimizer(config.optim, config.train.num_steps,
+                       proxies=losses.is_proxy(config.loss.name))
   workdir = epath.Path(workdir)
   # Evaluating only reads: a run may be training in this workdir right now, and a
   # writable manager would clean up the temporary directory of its save in progress.
   ckpt = checkpoint_lib.Checkpointer(
       workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints,
       best_metric=f"{config.eval.split}/{config.eval.best_metric}", read_only=not training)
+  num_proxies = None
+  if losses.is_proxy(config.loss.name):
+    # One proxy per training class; without the data, as many as the checkpoint holds.
+    if dataset is not None:
+      num_proxies = dataset.train.num_classes
+    else:
+      shape = ckpt.saved_shape(f"params.{PROXIES}")
+      if shape is None:
+        ckpt.close()
+        raise ConfigError(
+            f"config.loss.name={config.loss.name!r} trains class proxies, but "
+            f"{workdir / 'checkpoints'} holds none to size them by; load the run's "
+            "data (config.data.root) or pass the workdir of a trained proxy-loss run.")
+      num_proxies = shape[0]
+  model, state = init_state(config, tx, mesh, seed=config.seed, num_proxies=num_proxies)
   return mesh, dataset, tx, model, state, workdir, ckpt
 
 
@@ -363,7 +454,14 @@ def _restore(ckpt, state, step=None):
   try:
     restored, data_state, _ = ckpt.restore(step, abstract_state=abstract)
   except checkpoint_lib.CheckpointError as e:
-    if "'memory." not in str(e):
+    leaf = re.search(r"'([^']+)' (?:is in|has shape)", str(e))
+    leaf = leaf.group(1).split(".") if leaf else []
+    if PROXIES in leaf:
+      raise checkpoint_lib.CheckpointError(
+          f"{e} The difference is in a proxy loss's class proxies: resume with the "
+          "config.loss.name of the run that saved it, on the same training classes "
+          "(its config.json is in the workdir).") from None
+    if leaf[:1] != ["memory"]:
       raise
     raise checkpoint_lib.CheckpointError(
         f"{e} The difference is in the cross-batch memory: resume with the "
@@ -405,12 +503,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       x = config.xbm
       print(f"Cross-batch memory: {x.size:,} {x.dtype} entries, weight {x.weight}, from "
             f"step {x.start_step + 1}.")
+    if PROXIES in state["params"]:
+      c, dim = state["params"][PROXIES].shape
+      print(f"{config.loss.name}: {c:,} class proxies of dimension {dim}, learning rate "
+            f"×{config.optim.proxy_lr_mult:g}, weight decay "
+            f"{config.optim.proxy_weight_decay:g}.")
   xbm_cfg = config.xbm if xbm_enabled(config) else None
   step_fn = make_train_step(model, tx, mesh, config.loss, xbm_cfg)
   telemetry_fns = {}
   if config.train.telemetry:
     args = (mesh, config.loss.name, loss_kwargs(config.loss))
-    telemetry_fns["gpw"] = telemetry.make_telemetry_fn(*args)
+    telemetry_fns["gpw"] = (telemetry.make_proxy_telemetry_fn(*args)
+                            if losses.is_proxy(config.loss.name)
+                            else telemetry.make_telemetry_fn(*args))
     if xbm_cfg is not None:
       telemetry_fns["gpw_memory"] = telemetry.make_memory_telemetry_fn(*args)
   with contextlib.ExitStack() as cleanup:  # closed in reverse, whatever happens
@@ -420,12 +525,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        ckpt, writer, cleanup)
 
 
-def _telemetry(fns: dict, state, embeddings, labels, *, memory_joined: bool):
+def _telemetry(fns: dict, state, embeddings, labels, *, memory_joined: bool,
+               proxies=None):
   """The GPW telemetry of a logged step: ``(scalars, histograms)`` under ``gpw/`` (batch
-  pairs) and, once the cross-batch memory has joined, ``gpw_memory/`` (memory pairs)."""
+  pairs, or a proxy loss's sample-to-proxy pairs with the step's ``proxies``) and, once
+  the cross-batch memory has joined, ``gpw_memory/`` (memory pairs)."""
   outputs = {}
   for prefix, fn in fns.items():
-    if prefix == "gpw":
+    if prefix == "gpw" and proxies is not None:
+      outputs[prefix] = fn(embeddings, labels, proxies)
+    elif prefix == "gpw":
       outputs[prefix] = fn(embeddings, labels)
     elif memory_joined:
       outputs[prefix] = fn(embeddings, labels, state["memory"])
@@ -480,6 +589,7 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry
     batch = next(batches)
     state, metrics = step_fn(state, batch["image"], batch["label"])
     embeddings = metrics.pop("embeddings")
+    proxies = metrics.pop(PROXIES, None)
     log_now = step % t.log_every == 0 or step == t.num_steps
     saving = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
     # At the last step there is nothing to resume: the run finishes instead. (Every
@@ -499,7 +609,8 @@ def _train_loop(config, workdir, mesh, dataset, model, state, step_fn, telemetry
       scalars = {f"train/{k}": v for k, v in values.items()}
       gpw, histograms = _telemetry(
           telemetry_fns, state, embeddings, batch["label"],
-          memory_joined=xbm_enabled(config) and step > config.xbm.start_step)
+          memory_joined=xbm_enabled(config) and step > config.xbm.start_step,
+          proxies=proxies)
       scalars.update(gpw)
       writer.write_scalars(step, scalars)
       if histograms:

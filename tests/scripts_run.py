@@ -12,8 +12,8 @@ import sys
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 
 
-def run_json_script(name, timeout=900):
-  out = subprocess.run([sys.executable, str(SCRIPTS / name)], capture_output=True,
+def run_json_script(name, *args, timeout=900):
+  out = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True,
                        text=True, timeout=timeout, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout)

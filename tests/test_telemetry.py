@@ -187,6 +187,7 @@ def test_sharded_telemetry_equals_one_device_and_the_oracle():
   r = run_json_script("telemetry_sharding_check.py", timeout=600)
   assert r["devices"] == 8 and not r["square_in_hlo"]
   assert {(c["kind"], c["loss"]) for c in r["cases"]} >= {(k, "ms") for k in KINDS}
+  assert {c["loss"] for c in r["cases"]} >= {"ms", "triplet", "proxy_anchor", "proxy_nca"}
   for case in r["cases"]:
     sharded, single = case["sharded"], case["single"]
     assert sharded.keys() == single.keys() == set(telemetry.KEYS)

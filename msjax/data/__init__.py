@@ -15,7 +15,7 @@ from __future__ import annotations
 from msjax.data.pipeline import GlobalBatches, eval_dataset, to_global, train_dataset
 from msjax.data.records import (Dataset, DataError, ImageFiles, Split, make_split,
                                 with_validation)
-from msjax.data.sampler import PKSampler
+from msjax.data.sampler import SAMPLERS, PKSampler, RandomSampler, make_sampler
 from msjax.data.sources import check_small_classes, load_dataset, small_classes
 from msjax.data.transforms import ImageReadError, ImageTransform, decode, normalize
 
@@ -29,12 +29,17 @@ def image_transform(d, *, train: bool) -> ImageTransform:
 
 def train_batches(split: Split, d, *, seed: int, num_steps: int, start_step: int = 0,
                   process_index=None, process_count=None):
-  """This process's P×K training batches from ``config.data`` (see ``train_dataset``).
+  """This process's training batches from ``config.data`` (see ``train_dataset``): P×K
+  batches, or ``d.sampler="random"`` shuffled ones of the same size.
 
-  Classes with fewer than K images are refused unless ``d.pad_small_classes``.
+  With P×K batches, classes with fewer than K images are refused unless
+  ``d.pad_small_classes``.
   """
-  check_small_classes(split, d)
-  sampler = PKSampler(split.labels, d.classes_per_batch, d.images_per_class, seed=seed)
+  sampler_name = d.get("sampler", "pk")
+  if sampler_name == "pk":
+    check_small_classes(split, d)
+  sampler = make_sampler(sampler_name, split.labels, classes_per_batch=d.classes_per_batch,
+                         images_per_class=d.images_per_class, seed=seed)
   return train_dataset(split, sampler, image_transform(d, train=True), num_steps=num_steps,
                        seed=seed, start_step=start_step, num_workers=d.num_workers,
                        num_threads=d.num_threads, prefetch=d.prefetch,
@@ -51,8 +56,8 @@ def eval_batches(split: Split, d, *, process_index=None, process_count=None):
 
 __all__ = [
     "Dataset", "DataError", "GlobalBatches", "ImageFiles", "ImageReadError",
-    "ImageTransform", "PKSampler", "Split", "check_small_classes",
+    "ImageTransform", "PKSampler", "RandomSampler", "SAMPLERS", "Split", "check_small_classes",
     "decode", "eval_batches", "eval_dataset", "image_transform", "load_dataset",
-    "make_split", "normalize", "small_classes", "to_global", "train_batches",
+    "make_sampler", "make_split", "normalize", "small_classes", "to_global", "train_batches",
     "train_dataset", "with_validation",
 ]

@@ -1,6 +1,6 @@
 """The training and evaluation input pipelines (grain).
 
-Training: step ``i`` → this process's slice of the P×K batch ``i`` (``PKSampler``),
+Training: step ``i`` → this process's slice of batch ``i`` (``PKSampler``, ``RandomSampler``),
 decoded and augmented in worker processes, prefetched, and assembled into one global
 ``jax.Array`` sharded over the mesh's batch axis. Augmentation randomness is a pure
 function of ``(seed, step, position in the global batch)``, so a batch does not depend
@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from msjax.data.records import DataError, Split
-from msjax.data.sampler import AUGMENT_STREAM, PKSampler, stream_rng
+from msjax.data.sampler import AUGMENT_STREAM, PKSampler, RandomSampler, stream_rng
 from msjax.data.transforms import ImageReadError, ImageTransform
 from msjax.sharding import batch_sharded
 
@@ -72,7 +72,7 @@ class _TrainBatch:
   """Step → this process's part of the P×K batch (runs in the workers)."""
 
   split: Split
-  sampler: PKSampler
+  sampler: PKSampler | RandomSampler
   transform: ImageTransform
   seed: int
   process_index: int
@@ -146,7 +146,7 @@ def _iterate(dataset: grain.MapDataset, num_workers: int, num_threads: int,
   return ds
 
 
-def train_dataset(split: Split, sampler: PKSampler, transform: ImageTransform, *,
+def train_dataset(split: Split, sampler: PKSampler | RandomSampler, transform: ImageTransform, *,
                   num_steps: int, seed: int, start_step: int = 0, num_workers: int = 0,
                   num_threads: int = 2, prefetch: int = 2, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
@@ -159,7 +159,7 @@ def train_dataset(split: Split, sampler: PKSampler, transform: ImageTransform, *
 
   Args:
     split: the training split.
-    sampler: the P×K sampler over ``split.labels``.
+    sampler: the P×K (or random) sampler over ``split.labels``.
     transform: the training transform (``ImageTransform(train=True)``).
     num_steps: the training run's length (the dataset ends there).
     seed: the augmentation seed (the sampler has its own).

@@ -1,4 +1,6 @@
-"""The P×K sampler: batch ``i`` of a training run is a pure function of ``(seed, i)``.
+"""Training samplers: batch ``i`` of a training run is a pure function of ``(seed, i)``.
+
+``PKSampler`` (the pair losses' default, ``config.data.sampler="pk"``):
 
 A batch holds ``P`` classes, none twice, with ``K`` images each, class after class
 (``[c0 × K, c1 × K, ...]``). Classes are dealt in epochs: epoch ``e`` is a permutation
@@ -10,6 +12,11 @@ batches an uninterrupted run would, on any number of processes.
 
 Within a class, ``K`` images are drawn without replacement (from ``(seed, i)``); a class
 with fewer than ``K`` images is drawn with replacement, as the released MS sampler pads.
+
+``RandomSampler`` (``config.data.sampler="random"``; proxy losses need no P×K structure,
+and the Proxy-Anchor release trains on plain shuffled batches): epoch ``e`` is a
+permutation of every image (drawn from ``(seed, e)``) cut into batches of ``B``; the
+``N mod B`` images left at its end sit that epoch out (PyTorch's ``drop_last``).
 """
 
 from __future__ import annotations
@@ -29,8 +36,38 @@ def stream_rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
   return np.random.default_rng([int(seed) & 0xFFFFFFFF, stream, *map(int, keys)])
 
 
+class _ProcessSlices:
+  """What every sampler shares: each process's contiguous slice of the global batch."""
+
+  batch_size: int
+
+  def batch(self, step: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def process_batch(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous slice of batch ``step``.
+
+    The processes' slices are disjoint and, concatenated in process order, form the
+    global batch exactly (the layout ``jax.make_array_from_process_local_data`` expects).
+    """
+    b = self.batch_size
+    if b % process_count:
+      raise DataError(f"the batch of {b} images does not split evenly over "
+                      f"{process_count} processes; choose a batch size divisible by "
+                      f"{process_count}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    per = b // process_count
+    return self.batch(step)[process_index * per:(process_index + 1) * per]
+
+
+def _check_step(step: int):
+  if step < 0:
+    raise ValueError(f"step must be ≥ 0; got {step}.")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class PKSampler:
+class PKSampler(_ProcessSlices):
   """Deterministic P×K batches of image indices into a split.
 
   Attributes:
@@ -83,8 +120,7 @@ class PKSampler:
 
   def batch_classes(self, step: int) -> np.ndarray:
     """The ``P`` distinct classes of batch ``step``."""
-    if step < 0:
-      raise ValueError(f"step must be ≥ 0; got {step}.")
+    _check_step(step)
     epoch, j = divmod(step, self.batches_per_epoch)
     p = self.classes_per_batch
     return self.epoch_classes(epoch)[j * p:(j + 1) * p]
@@ -103,18 +139,53 @@ class PKSampler:
     self._cache["batch"] = (step, out)
     return out
 
-  def process_batch(self, step: int, process_index: int, process_count: int) -> np.ndarray:
-    """This process's contiguous slice of batch ``step``.
 
-    The processes' slices are disjoint and, concatenated in process order, form the
-    global batch exactly (the layout ``jax.make_array_from_process_local_data`` expects).
-    """
-    b = self.batch_size
-    if b % process_count:
-      raise DataError(f"the batch of P×K = {b} images does not split evenly over "
-                      f"{process_count} processes; choose P×K divisible by "
-                      f"{process_count}.")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
-    per = b // process_count
-    return self.batch(step)[process_index * per:(process_index + 1) * per]
+@dataclasses.dataclass(frozen=True, eq=False)
+class RandomSampler(_ProcessSlices):
+  """Deterministic batches of ``batch_size`` images drawn without replacement per epoch.
+
+  Attributes:
+    labels: the split's labels (only their number matters).
+    batch_size: ``B``; at most the number of images.
+    seed: the run's data seed.
+  """
+
+  labels: np.ndarray
+  batch_size: int
+  seed: int = 0
+
+  def __post_init__(self):
+    n = len(np.asarray(self.labels))
+    if not 1 <= self.batch_size <= n:
+      raise DataError(f"a random batch of {self.batch_size} images needs 1 ≤ B ≤ {n}, the "
+                      "training split's size; lower data.classes_per_batch × "
+                      "data.images_per_class.")
+    object.__setattr__(self, "_cache", {})
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return len(self.labels) // self.batch_size
+
+  def batch(self, step: int) -> np.ndarray:
+    """Image indices ``int64 [B]`` of batch ``step``."""
+    _check_step(step)
+    epoch, j = divmod(step, self.batches_per_epoch)
+    cached = self._cache.get("epoch")
+    if cached is None or cached[0] != epoch:
+      cached = (epoch, stream_rng(self.seed, CLASS_STREAM, epoch).permutation(
+          len(self.labels)).astype(np.int64))
+      self._cache["epoch"] = cached
+    return cached[1][j * self.batch_size:(j + 1) * self.batch_size]
+
+
+SAMPLERS = ("pk", "random")
+
+
+def make_sampler(name: str, labels, *, classes_per_batch: int, images_per_class: int,
+                 seed: int):
+  """``config.data.sampler``'s sampler; the batch holds P×K images either way."""
+  if name == "pk":
+    return PKSampler(labels, classes_per_batch, images_per_class, seed=seed)
+  if name == "random":
+    return RandomSampler(labels, classes_per_batch * images_per_class, seed=seed)
+  raise DataError(f"config.data.sampler={name!r}; choose one of {SAMPLERS}.")

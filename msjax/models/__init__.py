@@ -13,7 +13,7 @@ import importlib
 import jax.numpy as jnp
 from flax import nnx
 
-from msjax.models import weights
+from msjax.models import layers, weights
 from msjax.models.head import EmbeddingHead
 
 # name -> (module, class); imported on first use.
@@ -52,7 +52,8 @@ def create_backbone(name: str, *, rngs: nnx.Rngs, pretrained=None, pooling: str 
       ``python -m msjax.models.convert``; every parameter and BatchNorm statistic is
       loaded, and a missing file, another architecture's file or a shape mismatch raises
       an error naming the problem.
-    pooling: global ``"max"`` or ``"avg"`` pooling (default: ``DEFAULT_POOLING[name]``;
+    pooling: global ``"max"``, ``"avg"`` or ``"avg+max"`` pooling (default:
+      ``DEFAULT_POOLING[name]``;
       max for BN-Inception, as the released MS code).
     frozen_bn: BatchNorm uses its running statistics in training too (affine parameters
       still train), as the released MS code does.
@@ -62,8 +63,8 @@ def create_backbone(name: str, *, rngs: nnx.Rngs, pretrained=None, pooling: str 
     An ``nnx.Module`` in eval mode; ``module(images) -> [B, module.num_features]``.
   """
   cls = backbone_class(name)
-  if pooling not in (None, "max", "avg"):
-    raise ValueError(f"pooling must be 'max' or 'avg'; got {pooling!r}.")
+  if pooling is not None:
+    layers.check_pooling(pooling)
   # Built abstract, then filled in one go: flax's eager initialisers compile once per
   # kernel shape, about a minute for BN-Inception on a CPU.
   model = nnx.eval_shape(lambda: cls(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from msjax.models.layers import BatchNorm, avg_pool, conv, global_pool, max_pool
+from msjax.models.layers import BatchNorm, avg_pool, check_pooling, conv, global_pool, max_pool
 
 ARCH = "bninception"
 TORCH_IGNORE = ("last_linear.",)  # the ImageNet classifier
@@ -65,7 +65,7 @@ class BNInception(nnx.Module):
 
   Args:
     rngs: initialisation randomness (the weights are normally loaded afterwards).
-    pooling: ``"max"`` (the released MS code's) or ``"avg"`` global pooling.
+    pooling: ``"max"`` (the released MS code's), ``"avg"`` or ``"avg+max"`` global pooling.
     frozen_bn: every BatchNorm uses its running statistics, also in ``model.train()``.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` follows the input.
     param_dtype: parameter and batch-statistic dtype.
@@ -73,8 +73,7 @@ class BNInception(nnx.Module):
 
   def __init__(self, *, rngs: nnx.Rngs, pooling: str = "max", frozen_bn: bool = False,
                dtype=None, param_dtype=jnp.float32):
-    if pooling not in ("avg", "max"):
-      raise ValueError(f"pooling must be 'max' or 'avg'; got {pooling!r}.")
+    check_pooling(pooling)
     self.pooling = pooling
     self.num_features = NUM_FEATURES
     self.dtype = dtype

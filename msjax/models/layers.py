@@ -110,10 +110,21 @@ def avg_pool(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_p
   return total / count
 
 
+# Global poolings: max (the released MS code), average, and their sum (the Proxy-Anchor
+# release's BN-Inception and ResNet heads).
+POOLINGS = ("max", "avg", "avg+max")
+
+
+def check_pooling(kind):
+  if kind not in POOLINGS:
+    raise ValueError(f"pooling must be one of {POOLINGS}; got {kind!r}.")
+
+
 def global_pool(x, kind="max"):
-  """``[B, H, W, C] -> [B, C]`` by max (the released MS code) or average pooling."""
+  """``[B, H, W, C] -> [B, C]`` by max, average, or the sum of both (``"avg+max"``)."""
+  check_pooling(kind)
   if kind == "max":
     return jnp.max(x, axis=(1, 2))
   if kind == "avg":
     return jnp.mean(x, axis=(1, 2))
-  raise ValueError(f"pooling must be 'max' or 'avg'; got {kind!r}.")
+  return jnp.mean(x, axis=(1, 2)) + jnp.max(x, axis=(1, 2))

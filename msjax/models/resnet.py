@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from msjax.models.layers import BatchNorm, conv, global_pool, max_pool
+from msjax.models.layers import BatchNorm, check_pooling, conv, global_pool, max_pool
 
 ARCH = "resnet50"
 TORCH_IGNORE = ("fc.",)  # the ImageNet classifier
@@ -65,7 +65,7 @@ class ResNet50(nnx.Module):
   Args:
     rngs: initialisation randomness. ``create_backbone`` builds the network abstract and
       initialises every variable in one compiled call (``weights.initialise``).
-    pooling: ``"avg"`` (torchvision's) or ``"max"`` global pooling of the last map.
+    pooling: ``"avg"`` (torchvision's), ``"max"`` or ``"avg+max"`` global pooling.
     frozen_bn: every BatchNorm uses its running statistics, also in ``model.train()``.
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` follows the input.
     param_dtype: parameter and batch-statistic dtype.
@@ -73,8 +73,7 @@ class ResNet50(nnx.Module):
 
   def __init__(self, *, rngs: nnx.Rngs, pooling: str = "avg", frozen_bn: bool = False,
                dtype=None, param_dtype=jnp.float32):
-    if pooling not in ("avg", "max"):
-      raise ValueError(f"pooling must be 'avg' or 'max'; got {pooling!r}.")
+    check_pooling(pooling)
     self.pooling = pooling
     self.num_features = NUM_FEATURES
     self.dtype = dtype

@@ -2,8 +2,9 @@
 
 The pair-weight telemetry of the same batches on a mesh of 8 devices and on 1 device: MS
 on every kind of batch (P×K, single-image classes, duplicates, ties, no positives, no
-negatives, nothing mined) and triplet on P×K, plus whether the sharded program holds a
-``[B, B]`` array. Prints one
+negatives, nothing mined), triplet on P×K, and both proxy losses (sample-to-proxy pairs,
+the proxies replicated) on P×K and single-image classes, plus whether the sharded
+program holds a ``[B, B]`` array. Prints one
 JSON line: ``{"devices", "cases": [{"kind", "loss", "sharded", "single"}], "square_in_hlo"}``.
 """
 
@@ -18,7 +19,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from msjax import sharding, telemetry  # noqa: E402
+from msjax import losses, sharding, telemetry  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 from batches import make_batch  # noqa: E402
@@ -56,6 +57,22 @@ def main():
       for name, n, mesh in (("sharded", 8, mesh8), ("single", 1, mesh1)):
         fn = fns[loss, n]
         scalars, histograms = jax.device_get(fn(put(emb, mesh), put(labels, mesh)))
+        out[name] = plain(scalars)
+        out[f"{name}_histograms"] = {k: v.tolist() for k, v in histograms.items()}
+      cases.append({"kind": kind, "loss": loss, "emb": emb.tolist(),
+                    "labels": labels.tolist(), **out})
+  proxy_fns = {(loss, n): telemetry.make_proxy_telemetry_fn(mesh, loss, {})
+               for loss in losses.PROXY_NAMES for n, mesh in ((8, mesh8), (1, mesh1))}
+  for kind in ("pk", "k1_mixed"):
+    emb, labels = make_batch(kind, 8, 4, 16, seed=12, spread=2.0)
+    emb = emb.astype(np.float32)
+    # Two classes more than the batch holds: proxies without a sample.
+    proxies = np.random.default_rng(3).normal(size=(int(labels.max()) + 3, 16))
+    for loss in losses.PROXY_NAMES:
+      out = {}
+      for name, n, mesh in (("sharded", 8, mesh8), ("single", 1, mesh1)):
+        scalars, histograms = jax.device_get(proxy_fns[loss, n](
+            put(emb, mesh), put(labels, mesh), proxies.astype(np.float32)))
         out[name] = plain(scalars)
         out[f"{name}_histograms"] = {k: v.tolist() for k, v in histograms.items()}
       cases.append({"kind": kind, "loss": loss, "emb": emb.tolist(),

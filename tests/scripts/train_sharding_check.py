@@ -5,6 +5,10 @@ same initial state and the same batches, then the compiled step at a larger batc
 both meshes: prints one JSON line with the largest parameter difference, the losses,
 the per-device temporary memory of each compiled step, and whether any ``[B, B]`` array
 appears in the sharded step's HLO.
+
+``train_sharding_check.py LOSS`` trains with another registry loss; a proxy loss trains
+its proxies at ×100 the learning rate on random batches, and the larger-batch part is
+skipped (its block is ``[B, C]``, not ``[B, B]``).
 """
 
 import json
@@ -35,9 +39,9 @@ def config(p, k):
   return c
 
 
-def run(c, mesh, batches):
-  tx = train.build_optimizer(c.optim, 10)
-  model, state = train.init_state(c, tx, mesh, seed=0)
+def run(c, mesh, batches, num_proxies):
+  tx = train.build_optimizer(c.optim, 10, proxies=num_proxies is not None)
+  model, state = train.init_state(c, tx, mesh, seed=0, num_proxies=num_proxies)
   step = train.make_train_step(model, tx, mesh, c.loss)
   losses = []
   for b in batches:
@@ -63,26 +67,38 @@ def memory(c, mesh, batch):
 
 def main():
   c = config(8, 2)
+  c.loss.name = sys.argv[1] if len(sys.argv) > 1 else "ms"
+  proxy = c.loss.name in train.losses.PROXY_NAMES
+  if proxy:
+    c.data.sampler = "random"
+    c.optim.proxy_lr_mult = 100.0
   ds = data_lib.load_dataset(c.data)
+  num_proxies = ds.train.num_classes if proxy else None
   batches = [{k: np.array(v) for k, v in b.items()} for b in data_lib.train_batches(
       ds.train, c.data, seed=0, num_steps=3, process_index=0, process_count=1)]
   eight = sharding.make_mesh()
   one = sharding.make_mesh(jax.devices()[:1])
-  p8, l8 = run(c, eight, batches)
-  p1, l1 = run(c, one, batches)
+  p8, l8 = run(c, eight, batches, num_proxies)
+  p1, l1 = run(c, one, batches, num_proxies)
   diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)))
   scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(p1))
+  tx = train.build_optimizer(c.optim, 10, proxies=proxy)
+  initial = jax.device_get(train.init_state(c, tx, one, seed=0,
+                                            num_proxies=num_proxies)[1]["params"])
   moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-              for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(
-                  jax.device_get(train.init_state(c, train.build_optimizer(c.optim, 10),
-                                                  one, seed=0)[1]["params"]))))
+              for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(initial)))
+  result = {"devices": jax.device_count(), "max_param_diff": diff, "param_scale": scale,
+            "params_moved": moved, "losses_8": l8, "losses_1": l1}
+  if proxy:
+    result["proxies_moved"] = float(np.max(np.abs(p1["proxies"] - initial["proxies"])))
+    result["proxies_diff"] = float(np.max(np.abs(p8["proxies"] - p1["proxies"])))
+    print(json.dumps(result))
+    return
   big = config(256, 4)  # B = 1024
   temp8, square8 = memory(big, eight, 1024)
   temp1, _ = memory(big, one, 1024)
-  print(json.dumps({"devices": jax.device_count(), "max_param_diff": diff,
-                    "param_scale": scale, "params_moved": moved, "losses_8": l8,
-                    "losses_1": l1, "temp_bytes_8": temp8, "temp_bytes_1": temp1,
+  print(json.dumps({**result, "temp_bytes_8": temp8, "temp_bytes_1": temp1,
                     "square_in_sharded_hlo": square8}))
 
 

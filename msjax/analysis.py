@@ -5,11 +5,13 @@ split: what the GPW notebook studies.
     emb, labels = analysis.batch_embeddings(run)      # one training batch, embedded
     sel = analysis.pair_weights(emb, labels, "ms", alpha=2.0, beta=40.0)
     mem = analysis.memory_pair_weights(run)           # the same with a cross-batch memory
+    prox = analysis.run_proxies(run)                  # trained proxies, or stand-ins
+    pw = analysis.proxy_pair_weights(emb, labels, prox, "proxy_anchor")  # [B, C]
     examples = analysis.retrieval_examples(run)       # queries and their neighbours
 
 Everything here is NumPy in, NumPy out, so figures (``msjax.plot``) and notebooks need
 no JAX knowledge. The weights are the paper's per-anchor ``w`` (``∂L/∂S`` times the batch
-size).
+size; for Proxy-Anchor, whose anchors are the proxies, see ``proxy_pair_weights``).
 """
 
 from __future__ import annotations
@@ -35,10 +37,24 @@ DEFAULT_HPARAMS = {
     "lifted": dict(lam=1.0, scale=1.0),
     "contrastive": dict(lam=0.5),
     "triplet": dict(margin=0.1),
+    # Sun et al.'s fine-grained retrieval setting; self-paced factors held constant.
+    "circle": dict(m=0.4, gamma=80.0),
+    # The released SupContrast code; its self pair is dropped by index, said here so that
+    # a cross-batch memory (memory_weights) keeps that rule.
+    "supcon": dict(temperature=0.07, base_temperature=0.07, self_pair="index"),
+    # Proxy losses (proxy_pair_weights): the Proxy-Anchor release, Teh et al.'s σ = 3.
+    "proxy_anchor": dict(alpha=32.0, delta=0.1),
+    "proxy_nca": dict(scale=3.0),
 }
-# Which similarities each loss's weights depend on (Wang et al., Table 1).
+# Which similarities each loss's weights depend on (Wang et al., Table 1, and the losses'
+# docstrings for the later ones). For a proxy loss the "pairs" are sample-to-proxy pairs.
 DEPENDS_ON = {"contrastive": "S", "triplet": "P", "binomial": "S", "lifted": "N",
-              "ms": "S, P, N"}
+              "ms": "S, P, N", "circle": "S, P, N (soft)", "supcon": "S, N",
+              "proxy_anchor": "S, N (the proxy as anchor)",
+              "proxy_nca": "N (constant pull on w⁺)"}
+# Whose per-anchor weight ``proxy_pair_weights`` reports for each proxy loss: Proxy-NCA
+# averages over the batch's samples, Proxy-Anchor over proxies (each proxy is an anchor).
+PROXY_ANCHOR_OF = {"proxy_anchor": "proxy", "proxy_nca": "sample"}
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
@@ -119,10 +135,11 @@ def _train_batch_embeddings(run: Run, first: int, stop: int):
 @dataclasses.dataclass
 class PairWeights:
   """One batch's anchors under one loss, all ``[B, R]`` NumPy arrays over R references:
-  ``[B, B]`` for the batch itself, ``[B, N]`` for a memory's entries (``MemoryWeights``)."""
+  ``[B, B]`` for the batch itself, ``[B, N]`` for a memory's entries (``MemoryWeights``),
+  ``[B, C]`` for the batch against C class proxies (``proxy_pair_weights``)."""
 
   sim: np.ndarray
-  weights: np.ndarray  # ∂L/∂S · B: +w⁻ on negatives, −w⁺ on positives
+  weights: np.ndarray  # per-anchor ∂L/∂S (· B): +w⁻ on negatives, −w⁺ on positives
   pos: np.ndarray
   neg: np.ndarray
   selected: np.ndarray
@@ -149,7 +166,11 @@ def similarities(emb) -> np.ndarray:
 def pair_weights(emb_or_sim, labels, loss: str = "ms", *, is_sim: bool = False,
                  **hparams) -> PairWeights:
   """The loss's per-anchor weights, candidate pairs and selection on one square batch,
-  computed in float64. ``hparams`` default to ``DEFAULT_HPARAMS[loss]``."""
+  computed in float64. ``hparams`` default to ``DEFAULT_HPARAMS[loss]``. A proxy loss
+  weighs sample-to-proxy pairs instead: ``proxy_pair_weights``."""
+  if loss in losses.PROXY_NAMES:
+    raise ValueError(f"{loss!r} is a proxy loss: its pairs are sample-to-proxy pairs, so "
+                     "use analysis.proxy_pair_weights(emb, labels, proxies, loss).")
   sim = np.asarray(emb_or_sim, np.float64) if is_sim else similarities(emb_or_sim)
   hp = {**DEFAULT_HPARAMS.get(loss, {}), **hparams}
   with jax.enable_x64(True):
@@ -263,7 +284,7 @@ def memory_weights(emb, labels, memory, loss: str = "ms", **hparams) -> MemoryWe
     own = memory_lib.slots(mem, count)
     mem = memory_lib.enqueue(mem, emb, labels)
     sim = np.asarray(emb, np.float64) @ np.asarray(mem.embeddings, np.float64).T
-    self_pair = memory_lib.memory_self_pair(hp.get("self_pair", "value"))
+    self_pair = memory_lib.memory_self_pair(hp.get("self_pair"), loss)
     # One compiled program: several times faster than op by op at [B, N + B].
     select = jax.jit(functools.partial(losses.pair_selection, loss=loss, batch_size=1,
                                        **{**hp, "self_pair": self_pair}))
@@ -331,16 +352,182 @@ def memory_pair_weights(run: Run, *, memory_batches: int = 16, step: int | None 
       source=f"the {at - first} training batches before step {at}, embedded by this model")
 
 
-def autodiff_gap(sim, labels, loss: str = "ms", **hparams) -> dict:
+# ------------------------------------------------------------------ proxies
+
+
+@dataclasses.dataclass
+class Proxies:
+  """Class proxies to weigh a batch against (``proxy_pair_weights``).
+
+  Attributes:
+    vectors: ``float64 [C, D]`` unit rows, normalised as the proxy losses normalise them.
+    labels: ``[C]`` each proxy's class.
+    stand_in: True for class means standing in for proxies the run never trained (a run
+      trained with a pair loss): where a converged proxy would sit, not a trained one.
+    source: where they came from, in words.
+  """
+
+  vectors: np.ndarray
+  labels: np.ndarray
+  stand_in: bool
+  source: str = ""
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def _unit_rows(x) -> np.ndarray:
+  """``losses.normalize_proxies`` in NumPy float64: ``p / sqrt(Σp² + 1e-12)``."""
+  x = np.asarray(x, np.float64)
+  return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def trained_proxies(run: Run) -> Proxies:
+  """The proxies ``run`` trained with a proxy loss (``state["params"]["proxies"]``,
+  ``[C, D]`` as trained, normalised here), proxy ``c`` standing for training class ``c``.
+
+  Raises ValueError for a run without proxies (trained with a pair loss); its
+  ``stand_in_proxies`` are the class means instead.
+  """
+  raw = run.state.get("params", {}).get("proxies")
+  if raw is None:
+    raise ValueError(
+        f"the run (config.loss.name={run.config.loss.name!r}) has no trained proxies: only "
+        f"a proxy loss {losses.PROXY_NAMES} trains them. analysis.stand_in_proxies(run) "
+        "gives the class means, where a converged proxy would sit.")
+  vectors = _unit_rows(jax.device_get(raw))
+  return Proxies(vectors, np.arange(len(vectors)), stand_in=False,
+                 source=f"the run's {len(vectors):,} trained proxies")
+
+
+def class_mean_proxies(emb, labels, *, source: str = "") -> Proxies:
+  """Stand-in proxies: the normalised mean embedding of each class in ``emb`` ``[N, D]``
+  (``labels`` ``[N]``), classes in increasing order. Where a proxy converges when the
+  loss pulls it to its class's samples and away from the rest; not a trained proxy."""
+  emb, labels = np.asarray(emb, np.float64), np.asarray(labels)
+  if emb.ndim != 2 or labels.shape != (len(emb),) or not len(emb):
+    raise ValueError(f"class_mean_proxies needs embeddings [N, D] with one label each; got "
+                     f"{emb.shape} and {labels.shape}.")
+  classes, index = np.unique(labels, return_inverse=True)
+  sums = np.zeros((len(classes), emb.shape[1]))
+  np.add.at(sums, index, emb)
+  return Proxies(_unit_rows(sums), classes, stand_in=True,
+                 source=source or f"stand-ins: the class means of {len(emb):,} embeddings")
+
+
+def stand_in_proxies(run: Run, *, num_batches: int = 16, step: int | None = None) -> Proxies:
+  """Stand-in proxies for a run trained with a pair loss: ``class_mean_proxies`` of the
+  ``num_batches`` training batches before ``step`` (default: the run's step, the batch
+  ``batch_embeddings`` studies), embedded as ``batch_embeddings`` embeds them; near step 0
+  the missing ones come from the batches after it. The batch of ``step`` itself is never
+  used, so no sample pulls its own stand-in towards itself.
+
+  They are where a converged proxy of each class would sit for this model, not proxies
+  any training saw. A class none of those batches holds gets none (``len(proxies)``
+  classes do): its samples then have no positive proxy. With the P×K sampler, two
+  epochs' worth of batches (``2 · C // P``) hold every class that is dealt.
+  """
+  if num_batches < 1:
+    raise ValueError(f"num_batches must be >= 1; got {num_batches}.")
+  at = run.step if step is None else step
+  first = max(0, at - num_batches)
+  embedded = [e for s, e in zip(range(first, first + num_batches + 1),
+                                _train_batch_embeddings(run, first, first + num_batches + 1))
+              if s != at]
+  emb = np.concatenate([e for e, _ in embedded])
+  labels = np.concatenate([y for _, y in embedded])
+  where = (f"the {num_batches} training batches before step {at}" if first + num_batches == at
+           else f"{num_batches} training batches around step {at} (not its own)")
+  return class_mean_proxies(
+      emb, labels, source=f"stand-ins: the class means of {where}, embedded by this model")
+
+
+def run_proxies(run: Run, *, num_batches: int = 16, step: int | None = None) -> Proxies:
+  """``trained_proxies(run)`` for a run trained with a proxy loss, else its
+  ``stand_in_proxies`` (``num_batches``, ``step`` as there); ``Proxies.stand_in`` says
+  which."""
+  if run.state.get("params", {}).get("proxies") is not None:
+    return trained_proxies(run)
+  return stand_in_proxies(run, num_batches=num_batches, step=step)
+
+
+def proxy_pair_weights(emb, labels, proxies, loss: str = "proxy_anchor", proxy_labels=None,
+                       *, per_anchor: bool = True, **hparams) -> PairWeights:
+  """A proxy loss's weights on the ``[B, C]`` block of sample-to-proxy similarities,
+  computed in float64, as ``PairWeights``: positives are each sample's own-class proxies,
+  negatives the other classes' proxies, ``selected`` the pairs with a non-zero weight.
+
+  ``per_anchor`` (default) gives the weight each anchor's term puts on a pair, before the
+  loss averages over anchors, as ``pair_weights`` does for the pair losses; the anchors
+  differ (``PROXY_ANCHOR_OF``):
+
+  - Proxy-NCA averages over samples: ``∂L/∂S · B`` (``batch_size=1``), so
+    ``w⁻_ip = 2σ² q_ip`` and ``w⁺_ip = 2σ²/|P_i|``.
+  - Proxy-Anchor is a sum over proxies, not divided by the batch size (``batch_size=1``
+    changes nothing): its anchors are the proxies, averaged over ``|P⁺|`` (the proxies
+    with a positive in the batch) on the positive side and ``|P|`` (all of them) on the
+    negative side, so ``∂L/∂S`` is multiplied by those: ``w⁺_xp = α e^{−α(S_xp−δ)} /
+    (1 + Σ_{X⁺_p} e^{−α(S−δ)})`` and ``w⁻_xp = α e^{α(S_xp+δ)} / (1 + Σ_{X⁻_p} e^{α(S+δ)})``,
+    which do not depend on how many proxies there are.
+
+  ``per_anchor=False`` gives ``∂L/∂S`` itself, what training back-propagates.
+
+  Args:
+    emb: ``[B, D]`` the batch's (unit) embeddings.
+    labels: ``[B]`` their classes.
+    proxies: ``[C, D]`` proxies as trained (any norm; normalised here as the losses
+      normalise them), or a ``Proxies`` (its labels then the default ``proxy_labels``).
+    loss: a proxy loss, ``"proxy_anchor"`` or ``"proxy_nca"`` (``losses.PROXY_NAMES``).
+    proxy_labels: ``[C]`` each proxy's class; default ``arange(C)``.
+    hparams: the loss's keywords; default ``DEFAULT_HPARAMS[loss]``.
+  """
+  if loss not in losses.PROXY_NAMES:
+    raise ValueError(f"{loss!r} is not a proxy loss; choose one of {losses.PROXY_NAMES} "
+                     "(pair_weights takes the pair losses).")
+  if isinstance(proxies, Proxies):
+    proxy_labels = proxies.labels if proxy_labels is None else proxy_labels
+    proxies = proxies.vectors
+  emb, labels = np.asarray(emb, np.float64), np.asarray(labels)
+  unit = _unit_rows(proxies)
+  if emb.ndim != 2 or unit.ndim != 2 or unit.shape[1] != emb.shape[1]:
+    raise ValueError(f"the embeddings [B, D] and proxies [C, D] must share D; got "
+                     f"{emb.shape} and {unit.shape}.")
+  proxy_labels = (np.arange(len(unit)) if proxy_labels is None else np.asarray(proxy_labels))
+  if proxy_labels.shape != (len(unit),):
+    raise ValueError(f"proxy_labels has shape {proxy_labels.shape}; pass one class per "
+                     f"proxy ({len(unit)}).")
+  sim = emb @ unit.T
+  hp = {**DEFAULT_HPARAMS.get(loss, {}), **hparams}
+  with jax.enable_x64(True):
+    s = losses.pair_selection(jnp.asarray(sim), jnp.asarray(labels), loss=loss,
+                              ref_labels=jnp.asarray(proxy_labels),
+                              batch_size=1 if per_anchor else None, **hp)
+    weights = np.asarray(jax.device_get(s.weights))
+  # The proxy losses' masks: every proxy of the sample's class is a positive, even one
+  # the sample sits on (S = 1): a proxy is never a sample's self pair.
+  pos = labels[:, None] == proxy_labels[None, :]
+  neg = ~pos
+  if per_anchor and loss == "proxy_anchor":
+    with_pos = max(int(pos.any(axis=0).sum()), 1)
+    weights = np.where(pos, weights * with_pos, weights * len(unit))
+  return PairWeights(sim, weights, pos, neg, weights != 0)
+
+
+def autodiff_gap(sim, labels, loss: str = "ms", *, ref_labels=None, **hparams) -> dict:
   """How far ``jax.grad`` of the loss is from its analytic GPW weights, in float64.
 
-  Returns ``{"max_abs_diff", "max_abs_weight"}`` over the ``[B, B]`` matrix of ``∂L/∂S``.
+  ``sim`` is the batch's ``[B, B]`` similarities for a pair loss, or for a proxy loss the
+  ``[B, C]`` sample-to-proxy block with ``ref_labels`` the proxies' classes (default
+  ``arange(C)``). Returns ``{"max_abs_diff", "max_abs_weight"}`` over that matrix of
+  ``∂L/∂S``.
   """
   hp = {**DEFAULT_HPARAMS.get(loss, {}), **hparams}
   entry = losses.get(loss)
   with jax.enable_x64(True):
     s = jnp.asarray(np.asarray(sim, np.float64))
     y = jnp.asarray(labels)
+    if ref_labels is not None:
+      hp["ref_labels"] = jnp.asarray(ref_labels)
     auto = jax.grad(lambda x: entry.loss(x, y, **hp))(s)
     analytic = entry.weights(s, y, **hp)
     diff, scale = jax.device_get((jnp.max(jnp.abs(auto - analytic)),

@@ -1,5 +1,6 @@
 """GPW figures: pair weights against similarity, with and without a cross-batch memory,
-hyper-parameter sweeps, telemetry, and retrieval examples (queries and their nearest neighbours).
+sample-to-proxy weights of the proxy losses, hyper-parameter sweeps, telemetry, and
+retrieval examples (queries and their nearest neighbours).
 
     python -m msjax.plot --workdir runs/inshop-20261129-1200 [--out DIR]
 
@@ -21,7 +22,8 @@ POS_COLOR, NEG_COLOR, OFF_COLOR = "#1b7837", "#b2182b", "#9a9a9a"
 MEMORY_COLOR = "#5e3c99"  # pairs with a cross-batch memory's older entries
 LOSS_TITLES = {"ms": "Multi-Similarity", "binomial": "Binomial deviance",
                "lifted": "Lifted structure", "contrastive": "Contrastive",
-               "triplet": "Triplet"}
+               "triplet": "Triplet", "circle": "Circle", "supcon": "Supervised contrastive",
+               "proxy_anchor": "Proxy-Anchor", "proxy_nca": "Proxy-NCA"}
 SWEEPS = {"alpha": (0.5, 2.0, 8.0), "beta": (10.0, 40.0, 100.0), "lam": (0.3, 0.5, 0.7),
           "epsilon": (0.0, 0.1, 0.3)}
 SYMBOLS = {"alpha": "α", "beta": "β", "lam": "λ", "epsilon": "ε"}
@@ -40,14 +42,50 @@ def _pyplot():
   return plt
 
 
-def _scatter_pairs(ax, sim, weight, candidate, selected, color, label):
-  """Selected pairs as filled dots, discarded ones as grey crosses (weight 0 or not)."""
+def _scatter_pairs(ax, sim, weight, candidate, selected, color, label, symbol):
+  """Selected pairs as filled dots, discarded ones as grey crosses (weight 0 or not).
+
+  A selected pair of negative weight (``symbol`` < 0: a positive the loss pushes away,
+  as SupCon's can be, or a negative it pulls closer) is drawn below a zero line as a
+  hollow triangle of its own, named in the legend. Returns how many there are.
+  """
   kept = candidate & selected
   dropped = candidate & ~selected
+  flipped = kept & (weight < 0)
+  kept = kept & ~flipped
   ax.scatter(sim[dropped], weight[dropped], s=8, marker="x", color=OFF_COLOR, alpha=0.5,
              linewidths=0.6, label=f"discarded ({dropped.sum()})", rasterized=True)
   ax.scatter(sim[kept], weight[kept], s=10, color=color, alpha=0.6, edgecolors="none",
              label=f"{label} ({kept.sum()})", rasterized=True)
+  if flipped.any():
+    ax.axhline(0.0, color="black", lw=0.8, zorder=1)
+    ax.scatter(sim[flipped], weight[flipped], s=14, marker="v", facecolors="none",
+               edgecolors=color, linewidths=0.7,
+               label=f"{symbol} < 0 ({flipped.sum()})", rasterized=True)
+  return int(flipped.sum())
+
+
+def _weight_panels(axes, col, name, p: analysis.PairWeights, pos_label, neg_label):
+  """One loss's column: w⁺ on ``p``'s positives (top) and w⁻ on its negatives (bottom),
+  titled with what the weights depend on, each panel saying how many pairs are selected
+  and how many weigh the wrong way round."""
+  pos_frac, neg_frac = p.mined_fractions()
+  top, bottom = axes[0, col], axes[1, col]
+  for ax, weight, cand, color, label, symbol, frac, kind in (
+      (top, p.w_pos, p.pos, POS_COLOR, pos_label, "w⁺", pos_frac, "positives"),
+      (bottom, p.w_neg, p.neg, NEG_COLOR, neg_label, "w⁻", neg_frac, "negatives")):
+    flipped = _scatter_pairs(ax, p.sim, weight, cand, p.selected, color, label, symbol)
+    text = f"{100 * frac:.{0 if kind == 'positives' else 1}f}% of {kind} selected"
+    if flipped:
+      verb = "pushed apart" if kind == "positives" else "pulled together"
+      text += f"\n{flipped} with {symbol} < 0: {verb}"
+    ax.grid(alpha=0.3)
+    # The counts head the legend, which "best" keeps off the points.
+    ax.legend(loc="best", fontsize=7, frameon=False, title=text, title_fontsize=8,
+              alignment="left")
+  top.set_title(f"{LOSS_TITLES.get(name, name)}\nweights depend on "
+                f"{analysis.DEPENDS_ON.get(name, '?')}", fontsize=10)
+  return top, bottom
 
 
 def weights_figure(selections: Mapping[str, analysis.PairWeights], *, title: str = ""):
@@ -55,30 +93,51 @@ def weights_figure(selections: Mapping[str, analysis.PairWeights], *, title: str
   w⁻ on negative pairs (bottom), selected pairs coloured and discarded pairs grey.
 
   A weight that depends on the pair's own similarity only (S) draws a single curve; one
-  that depends on the anchor's other pairs (P, N) spreads into a band.
+  that depends on the anchor's other pairs (P, N) spreads into a band. A selected pair
+  whose weight has the other sign (SupCon's positives that take more than their share of
+  the softmax: ``w⁺ < 0``, pushed away) is drawn below a zero line as a hollow triangle,
+  and the panel counts them.
   """
   plt = _pyplot()
   names = list(selections)
   fig, axes = plt.subplots(2, len(names), figsize=(3.3 * len(names), 6.2), squeeze=False,
                            constrained_layout=True)
   for col, name in enumerate(names):
-    p = selections[name]
-    pos_frac, neg_frac = p.mined_fractions()
-    top, bottom = axes[0, col], axes[1, col]
-    _scatter_pairs(top, p.sim, p.w_pos, p.pos, p.selected, POS_COLOR, "selected positives")
-    _scatter_pairs(bottom, p.sim, p.w_neg, p.neg, p.selected, NEG_COLOR, "selected negatives")
-    top.set_title(f"{LOSS_TITLES.get(name, name)}\nweights depend on "
-                  f"{analysis.DEPENDS_ON.get(name, '?')}", fontsize=10)
+    top, bottom = _weight_panels(axes, col, name, selections[name], "selected positives",
+                                 "selected negatives")
     top.set_ylabel("w⁺ (positive pairs)" if col == 0 else "")
     bottom.set_ylabel("w⁻ (negative pairs)" if col == 0 else "")
     bottom.set_xlabel("similarity S_ij")
-    top.text(0.02, 0.97, f"{100 * pos_frac:.0f}% of positives selected", fontsize=8,
-             transform=top.transAxes, va="top")
-    bottom.text(0.02, 0.97, f"{100 * neg_frac:.1f}% of negatives selected", fontsize=8,
-                transform=bottom.transAxes, va="top")
-    for ax in (top, bottom):
-      ax.grid(alpha=0.3)
-      ax.legend(loc="best", fontsize=7, frameon=False)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def proxy_figure(weights_by_loss: Mapping[str, analysis.PairWeights], *, title: str = ""):
+  """Sample-to-proxy weight against similarity, one column per proxy loss
+  (``analysis.proxy_pair_weights``): w⁺ of each sample and its own class's proxy (top),
+  w⁻ of each sample and the other classes' proxies (bottom), weighted pairs coloured and
+  pairs of weight 0 grey, in ``weights_figure``'s style.
+
+  The weights are per anchor, and the anchors differ (``analysis.PROXY_ANCHOR_OF``):
+  Proxy-NCA's are the samples, Proxy-Anchor's the proxies; the y labels say which.
+  """
+  plt = _pyplot()
+  names = list(weights_by_loss)
+  fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.2), squeeze=False,
+                           constrained_layout=True)
+  for col, name in enumerate(names):
+    p = weights_by_loss[name]
+    top, bottom = _weight_panels(axes, col, name, p, "own-class proxy",
+                                 "other classes' proxies")
+    anchor = analysis.PROXY_ANCHOR_OF.get(name, "anchor")
+    top.set_ylabel(f"w⁺ per {anchor} (own-class proxy)")
+    bottom.set_ylabel(f"w⁻ per {anchor} (other proxies)")
+    bottom.set_xlabel("similarity to the proxy S_ip")
+    for ax in (top, bottom):  # from 0, so that a constant weight (Proxy-NCA's w⁺) reads as one
+      low, high = ax.get_ylim()
+      if low > 0:
+        ax.set_ylim(-0.04 * high, high)
   if title:
     fig.suptitle(title)
   return fig
@@ -314,6 +373,41 @@ def retrieval_figure(examples: analysis.RetrievalExamples, *, title: str = ""):
   if title:
     fig.suptitle(title, fontsize=10)
   return fig
+
+
+def preview_png(fig, *, dpi: float = 64, colors: int = 256) -> bytes:
+  """``fig`` as a small PNG for a notebook's inline preview: rendered at ``dpi`` with the
+  inline backend's tight bounding box, then reduced to a dithered palette of ``colors``
+  colours, about a third of the full-colour PNG's bytes. ``save`` writes the full figure."""
+  import io
+
+  from PIL import Image
+  rendered = io.BytesIO()
+  fig.savefig(rendered, format="png", dpi=dpi, bbox_inches="tight")
+  rendered.seek(0)
+  with Image.open(rendered) as image:
+    palette = image.convert("RGB").quantize(colors)
+  out = io.BytesIO()
+  palette.save(out, format="PNG", optimize=True)
+  return out.getvalue()
+
+
+def use_compact_previews(*, dpi: float = 64, colors: int = 256) -> None:
+  """Shows matplotlib figures inline in IPython/Jupyter as ``preview_png`` (call it after
+  ``%matplotlib inline``): an executed notebook stays small, while ``save`` keeps writing
+  the full figures. Does nothing outside IPython."""
+  import functools
+
+  from matplotlib.figure import Figure
+  try:
+    from IPython import get_ipython
+  except ImportError:
+    return
+  shell = get_ipython()
+  if shell is None:
+    return
+  shell.display_formatter.formatters["image/png"].for_type(
+      Figure, functools.partial(preview_png, dpi=dpi, colors=colors))
 
 
 def save(fig, path) -> str:

@@ -6,9 +6,12 @@ import nbclient
 import nbformat
 from PIL import Image
 
+from msjax import losses
+
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "notebooks" / "gpw_analysis.ipynb"
 FIGURES = ("gpw_weights.png", "gpw_sweeps.png", "gpw_telemetry.png", "retrieval.png",
-           "gpw_memory.png")
+           "gpw_memory.png", "proxy_weights.png")
+MAX_BYTES = 1 << 20  # the committed, executed notebook
 
 
 def _parameters_index(nb):
@@ -30,13 +33,20 @@ def test_notebook_runs_headless_on_a_fresh_machine(tmp_path):
       assert im.format == "PNG" and min(im.size) > 400
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)
-  for loss in ("ms", "binomial", "lifted", "contrastive", "triplet"):
+  for loss in losses.ALL_NAMES:  # the autodiff check covers every registry loss
     assert f"\n{loss} " in text or text.startswith(f"{loss} ")
   assert "4 logged steps, 5–20" in text  # telemetry every 5 steps of the brief run
   assert "random queries [" in text and "worst queries [" in text  # retrieval examples
   # The memory: the 16 batches before step 20, each anchor's negatives in both parts.
   assert "memory: 1,024 entries, the 16 training batches before step 20" in text
   assert "negatives mined per anchor: " in text and "% of the memory term's w⁻" in text
+  # The proxy losses on stand-in proxies: the class means of two epochs of P×K batches
+  # (16 of 8 batches an epoch), so every one of the 128 training classes has one.
+  assert ("proxies: 128 classes, stand-ins: the class means of the 16 training batches "
+          "before step 20, embedded by this model") in text
+  assert "100% of the batch's images have their class's proxy" in text
+  assert "proxy_anchor per proxy: w⁺ from " in text
+  assert "proxy_nca    per sample: w⁺ from 18 to 18;" in text  # Proxy-NCA's constant 2σ²
 
 
 def test_committed_notebook_is_readable_without_running():
@@ -51,3 +61,6 @@ def test_committed_notebook_is_readable_without_running():
     assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source[:80]
   text = "".join(o.get("text", "") for c in code for o in c.outputs)
   assert "negatives mined per anchor: " in text  # the cross-batch memory's section
+  assert "stand-ins: the class means" in text  # the proxy section, on the MS run
+  # Small inline previews (plot.use_compact_previews) keep the file in the repository small.
+  assert NOTEBOOK.stat().st_size < MAX_BYTES

@@ -120,7 +120,7 @@ def test_optimizer_equals_pytorch(name):
   """Six steps of three groups with clipping, a step decay and a backbone frozen for two
   steps equal torch.optim's Adam/AdamW with the same groups, ``clip_grad_value_`` and
   ``requires_grad=False`` for the frozen steps."""
-  torch = pytest.importorskip("torch")
+  import torch
   c = _config()
   c.optim.update(name=name, lr=1e-2, weight_decay=0.1, head_lr_mult=3.0,
                  proxy_lr_mult=100.0, proxy_weight_decay=0.01, clip_value=0.5,

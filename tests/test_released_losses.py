@@ -392,8 +392,7 @@ def test_circle_batch_version_tinyzeamays_relation(m, gamma):
 
 @pytest.fixture(scope="module")
 def pml():
-  pytest.importorskip("pytorch_metric_learning")
-  import torch
+  import torch  # both in the test extras: these relations are the README's claims
   from pytorch_metric_learning import losses
   return torch, losses
 

@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -358,59 +357,12 @@ def msjax_digest(root: str) -> str:
 
 def run_worker(impl: str, batch: int, args, timeout_s: float) -> dict:
   """Runs one measurement in a subprocess; peak RSS of that child from ``os.wait4``."""
-  import psutil
-
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(batch),
          "--rep-budget", str(args.rep_budget), "--max-reps", str(args.max_reps)]
-  env = child_env()
-  waited, load = timing.wait_quiet(args.quiet_wait, BG_LIMIT)
-  with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO,
-                            start_new_session=True)
-    sampled_peak = 0.0
-    timed_out = False
-    try:
-      ps = psutil.Process(proc.pid)
-    except psutil.Error:
-      ps = None
-    while True:
-      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-      if pid:
-        break
-      if ps is not None:
-        try:
-          sampled_peak = max(sampled_peak, ps.memory_info().rss / 2**20)
-        except psutil.Error:
-          pass
-      if time.monotonic() - t0 > timeout_s:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        pid, status, usage = os.wait4(proc.pid, 0)
-        break
-      time.sleep(0.05)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    fo.seek(0)
-    fe.seek(0)
-    stdout, stderr = fo.read(), fe.read()
-  rss = usage.ru_maxrss / 1024.0
-  base = dict(impl=impl, B=batch, wall_s=wall, peak_rss_mib=rss, sampled_rss_mib=sampled_peak,
-              quiet_wait_s=round(waited, 1), bg_cores_at_start=round(load, 2))
-  if timed_out:
-    return dict(base, status="timeout", note=f"killed after {timeout_s:.0f} s")
-  results = [line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")]
-  if proc.returncode == 0 and results:
-    return dict(json.loads(results[-1]), **base)
-  tail = stderr.strip().splitlines()[-3:]
-  if proc.returncode == -signal.SIGKILL:
-    status, note = "oom", "killed by SIGKILL (out of memory)"
-  elif any("MemoryError" in t or "RESOURCE_EXHAUSTED" in t or "out of memory" in t.lower()
-           for t in tail):
-    status, note = "oom", tail[-1] if tail else ""
-  else:
-    status, note = "error", f"exit {proc.returncode}: " + (" | ".join(tail))
-  return dict(base, status=status, note=note[-400:])
+  r = timing.run_measurement(cmd, env=child_env(), cwd=REPO, timeout_s=timeout_s,
+                             quiet_wait_s=args.quiet_wait, bg_limit=BG_LIMIT,
+                             sample_rss=True)
+  return dict(r, impl=impl, B=batch)
 
 
 # --- where msjax dense spends its time (runs in a subprocess) ------------------------------

@@ -52,6 +52,7 @@ MIN_RUNNABLE = {
     "docs/memory.md": 2,
     "docs/models.md": 1,
     "docs/performance.md": 1,
+    "docs/proxies.md": 2,
     "docs/search.md": 2,
     "docs/testing.md": 0,
     "docs/training.md": 1,

@@ -263,7 +263,9 @@ def proxy_loss_from_embeddings(emb, labels, proxies, *, loss="proxy_anchor",
   proxies as ``Wᵀ emb`` through the normalisation (autodiff of two small ops).
 
   Args:
-    emb: ``[B, D]`` L2-normalised embeddings (this device's rows inside ``shard_map``).
+    emb: ``[B, D]`` L2-normalised embeddings (this device's rows inside ``shard_map``),
+      as the embedding head gives them; the released code normalises inside its loss,
+      this function (like every loss here) takes them normalised and does not check.
     labels: ``[B]`` their classes.
     proxies: ``[C, D]`` the proxies as trained (any norm); the same on every device.
     loss: ``"proxy_anchor"`` or ``"proxy_nca"``.

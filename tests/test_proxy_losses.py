@@ -370,3 +370,38 @@ def test_sharded_value_and_gradients_equal_single_device(sharded_report):
     assert r["emb_scale"] > 0 and r["proxies_scale"] > 0, r
     if r["masked"]:
       assert r["masked_proxies_grad"] == 0.0, r
+
+
+def test_pair_selection_gives_a_proxy_loss_one_proxy_per_class_by_default():
+  """A square [B, C] block (B == C) must not be read as the batch's own pairs: the masks
+  are the proxies' classes arange(C), as the loss's weights are."""
+  emb, labels = make_batch("pk", 3, 2, 8, seed=4)             # 6 samples of classes 0..2
+  proxies = unit(np.random.default_rng(5).normal(size=(6, 8)))  # 6 proxies: C == B
+  sim = jnp.asarray(emb @ proxies.T)
+  for name in L.PROXY_NAMES:
+    s = L.pair_selection(sim, labels, loss=name)
+    np.testing.assert_array_equal(s.pos, labels[:, None] == np.arange(6)[None, :])
+    np.testing.assert_array_equal(s.neg, labels[:, None] != np.arange(6)[None, :])
+    np.testing.assert_allclose(s.weights, L.get(name).weights(sim, labels))
+    assert np.all(np.asarray(s.weights)[np.asarray(s.pos)] <= 0)
+
+
+def test_the_memory_term_keeps_supcons_own_self_pair_rule():
+  """Without an explicit ``self_pair`` the memory term drops SupCon's self pair by index,
+  its released rule, not by value as for the MS family."""
+  from msjax import memory
+  assert memory.memory_self_pair(None, "supcon") == "index"
+  assert memory.memory_self_pair(None, "ms") == "both"
+  emb, labels = make_batch("pk", 4, 3, 8, seed=6)
+  emb[1] = emb[0]  # an exact duplicate of anchor 0 in its own class
+  assert labels[0] == labels[1]
+  mem = memory.enqueue(memory.create(24, 8, jnp.float64), jnp.asarray(emb), jnp.asarray(labels))
+  slots = memory.slots(memory.create(24, 8, jnp.float64), len(labels))
+  kw = dict(anchor_slots=slots, loss="supcon")
+  default = memory.memory_loss(jnp.asarray(emb), jnp.asarray(labels), mem, **kw)
+  by_index = memory.memory_loss(jnp.asarray(emb), jnp.asarray(labels), mem, self_pair="index",
+                                **kw)
+  by_both = memory.memory_loss(jnp.asarray(emb), jnp.asarray(labels), mem, self_pair="value",
+                               **kw)
+  assert float(default) == pytest.approx(float(by_index), rel=1e-12)
+  assert float(default) != pytest.approx(float(by_both), rel=1e-6)  # the duplicate counts

@@ -37,14 +37,10 @@ DEFAULT_HPARAMS = {
     "lifted": dict(lam=1.0, scale=1.0),
     "contrastive": dict(lam=0.5),
     "triplet": dict(margin=0.1),
-    # Sun et al.'s fine-grained retrieval setting; self-paced factors held constant.
-    "circle": dict(m=0.4, gamma=80.0),
-    # The released SupContrast code; its self pair is dropped by index, said here so that
-    # a cross-batch memory (memory_weights) keeps that rule.
-    "supcon": dict(temperature=0.07, base_temperature=0.07, self_pair="index"),
-    # Proxy losses (proxy_pair_weights): the Proxy-Anchor release, Teh et al.'s σ = 3.
-    "proxy_anchor": dict(alpha=32.0, delta=0.1),
-    "proxy_nca": dict(scale=3.0),
+    # The later losses are shown with their registry defaults, which are their papers'
+    # and releases' (circle.py, supcon.py, proxy.py say which).
+    **{name: losses.hparam_defaults(name)
+       for name in ("circle", "supcon", "proxy_anchor", "proxy_nca")},
 }
 # Which similarities each loss's weights depend on (Wang et al., Table 1, and the losses'
 # docstrings for the later ones). For a proxy loss the "pairs" are sample-to-proxy pairs.
@@ -377,9 +373,9 @@ class Proxies:
 
 
 def _unit_rows(x) -> np.ndarray:
-  """``losses.normalize_proxies`` in NumPy float64: ``p / sqrt(Σp² + 1e-12)``."""
-  x = np.asarray(x, np.float64)
-  return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+  """``losses.normalize_proxies`` (``p / sqrt(Σp² + 1e-12)``) in float64, as NumPy."""
+  with jax.enable_x64(True):
+    return np.array(losses.normalize_proxies(jnp.asarray(x, jnp.float64)))  # writable
 
 
 def trained_proxies(run: Run) -> Proxies:
@@ -503,10 +499,9 @@ def proxy_pair_weights(emb, labels, proxies, loss: str = "proxy_anchor", proxy_l
                               ref_labels=jnp.asarray(proxy_labels),
                               batch_size=1 if per_anchor else None, **hp)
     weights = np.asarray(jax.device_get(s.weights))
-  # The proxy losses' masks: every proxy of the sample's class is a positive, even one
-  # the sample sits on (S = 1): a proxy is never a sample's self pair.
-  pos = labels[:, None] == proxy_labels[None, :]
-  neg = ~pos
+    # Every proxy of the sample's class is a positive, even one the sample sits on
+    # (S = 1): a proxy is never a sample's self pair.
+    pos, neg = np.array(s.pos), np.array(s.neg)
   if per_anchor and loss == "proxy_anchor":
     with_pos = max(int(pos.any(axis=0).sum()), 1)
     weights = np.where(pos, weights * with_pos, weights * len(unit))

@@ -70,7 +70,12 @@ class _DropMessage(logging.Filter):
 
 
 class CheckpointError(ValueError):
-  """A checkpoint cannot be restored (or saved); the message says what to do."""
+  """A checkpoint cannot be restored (or saved); the message says what to do. ``leaf``
+  names the state's leaf (``flat_tree``'s key) where a restore's tree differed, if any."""
+
+  def __init__(self, message: str, *, leaf: str | None = None):
+    super().__init__(message)
+    self.leaf = leaf
 
 
 class Checkpointer:
@@ -447,7 +452,7 @@ def _check_matches(saved_tree: Any, abstract_state: Any, step_dir: epath.Path) -
   for name, leaf in wanted.items():
     if name not in saved:
       raise CheckpointError(f"{head} '{name}' is in the state but not in the "
-                            f"checkpoint. {_MISMATCH_HINT}")
+                            f"checkpoint. {_MISMATCH_HINT}", leaf=name)
     shape, dtype = _stored_shape_dtype(leaf)
     have_shape = tuple(getattr(saved[name], "shape", ()) or ())
     have_dtype = getattr(saved[name], "dtype", None)
@@ -455,11 +460,11 @@ def _check_matches(saved_tree: Any, abstract_state: Any, step_dir: epath.Path) -
                                and np.dtype(have_dtype) != dtype):
       raise CheckpointError(
           f"{head} '{name}' has shape {have_shape} {have_dtype} in the checkpoint but "
-          f"{shape} {dtype} in the state. {_MISMATCH_HINT}")
+          f"{shape} {dtype} in the state. {_MISMATCH_HINT}", leaf=name)
   extra = [name for name in saved if name not in wanted]
   if extra:
     raise CheckpointError(f"{head} '{extra[0]}' is in the checkpoint but not in the "
-                          f"state. {_MISMATCH_HINT}")
+                          f"state. {_MISMATCH_HINT}", leaf=extra[0])
 
 
 class PreemptionWatcher:

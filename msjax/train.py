@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import re
 from typing import Any
 
 import jax
@@ -454,8 +453,7 @@ def _restore(ckpt, state, step=None):
   try:
     restored, data_state, _ = ckpt.restore(step, abstract_state=abstract)
   except checkpoint_lib.CheckpointError as e:
-    leaf = re.search(r"'([^']+)' (?:is in|has shape)", str(e))
-    leaf = leaf.group(1).split(".") if leaf else []
+    leaf = e.leaf.split(".") if e.leaf else []
     if PROXIES in leaf:
       raise checkpoint_lib.CheckpointError(
           f"{e} The difference is in a proxy loss's class proxies: resume with the "

@@ -14,9 +14,9 @@ from msjax.losses import gpw
 
 
 def _prepare(sim, labels, ref_labels, anchor_index, ref_valid, batch_size, self_pair, name):
-  gpw.check_choice(name, "self_pair", self_pair, gpw.SELF_PAIR_MODES)
-  return gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, anchor_index=anchor_index,
-                           ref_valid=ref_valid, batch_size=batch_size, loss_name=name)
+  return gpw.checked_pairs(name, sim, labels, ref_labels=ref_labels,
+                           anchor_index=anchor_index, ref_valid=ref_valid,
+                           batch_size=batch_size, self_pair=self_pair)
 
 
 def contrastive_loss(sim, labels, *, ref_labels=None, anchor_index=None, ref_valid=None,

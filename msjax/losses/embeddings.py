@@ -11,6 +11,10 @@ statistics gives both the value and W, and ``W + Wᵀ`` is formed elementwise fr
 ``block_size`` evaluates the anchors in row blocks: each block's similarity rows, loss and
 weights are formed, used for its share of the gradient, and dropped, so the peak memory is
 O(block_size × B) instead of O(B²). The value and gradient equal the unblocked ones.
+
+A proxy loss (``registry.PROXY_NAMES``) compares the embeddings with learned proxies
+instead: ``proxy_loss_from_embeddings`` forms ``S = E P̂ᵀ`` and uses the loss's analytic
+``∂L/∂S`` as that block's backward pass; autodiff carries it to E and the raw proxies.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from msjax.losses import gpw, registry
+from msjax.losses import gpw, proxy, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,3 +290,87 @@ def ms_loss_from_embeddings(emb, labels, *, block_size=None, **kwargs):
   and gradient to ``ms_loss(emb @ embᵀ, labels)`` with peak memory O(block_size × B).
   """
   return pair_loss_from_embeddings(emb, labels, loss="ms", block_size=block_size, **kwargs)
+
+
+# --- proxy losses: the sample-to-proxy block -----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProxySpec:
+  """Static description of a proxy loss: hashable, a non-differentiable argument."""
+
+  name: str
+  hparams: tuple  # sorted (keyword, value) items
+  batch_size: int | None
+  axis_name: Any
+
+  def kwargs(self, ref_labels, ref_valid):
+    return dict(self.hparams, ref_labels=ref_labels, ref_valid=ref_valid,
+                batch_size=self.batch_size, axis_name=self.axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _proxy_block(spec, sim, labels, ref_labels, ref_valid):
+  return registry.get(spec.name).loss(sim, labels, **spec.kwargs(ref_labels, ref_valid))
+
+
+def _proxy_block_fwd(spec, sim, labels, ref_labels, ref_valid):
+  return registry.get(spec.name).value_and_weights(sim, labels,
+                                                   **spec.kwargs(ref_labels, ref_valid))
+
+
+def _proxy_block_bwd(spec, weights, g):
+  return (g * weights).astype(weights.dtype), None, None, None
+
+
+_proxy_block.defvjp(_proxy_block_fwd, _proxy_block_bwd)
+
+
+def proxy_loss_from_embeddings(emb, labels, proxies, *, loss="proxy_anchor",
+                               proxy_labels=None, proxy_valid=None, batch_size=None,
+                               axis_name=None, precision=jax.lax.Precision.HIGHEST,
+                               **hparams):
+  """A proxy loss of embeddings and raw proxies, with the analytic weights as ``∂L/∂S``.
+
+  ``S = emb · normalize(proxies)ᵀ``; the gradient reaches ``emb`` as ``W P̂`` and the
+  proxies as ``Wᵀ emb`` through the normalisation (autodiff of two small ops).
+
+  Args:
+    emb: ``[B, D]`` L2-normalised embeddings (this device's rows inside ``shard_map``),
+      as the embedding head gives them; the released code normalises inside its loss,
+      this function (like every loss here) takes them normalised and does not check.
+    labels: ``[B]`` their classes.
+    proxies: ``[C, D]`` the proxies as trained (any norm); the same on every device.
+    loss: a proxy loss, ``registry.PROXY_NAMES``.
+    proxy_labels, proxy_valid: ``[C]`` each proxy's class (default ``arange(C)``) and
+      which proxies exist (default all).
+    batch_size: Proxy-NCA's m (default: the global number of rows).
+    axis_name: the mesh axis the rows are sharded over, inside ``shard_map``; the result
+      is then the global batch's loss on every device.
+    precision: of the similarity matmul.
+    **hparams: the loss's hyper-parameters (``alpha``, ``delta``; ``scale``, ...).
+  """
+  where = "msjax.losses.proxy_loss_from_embeddings"
+  if loss not in registry.PROXY_NAMES:
+    raise ValueError(f"{where}: {loss!r} is not a proxy loss; choose one of "
+                     f"{registry.PROXY_NAMES}.")
+  emb, proxies = jnp.asarray(emb), jnp.asarray(proxies)
+  if emb.ndim != 2 or proxies.ndim != 2 or proxies.shape[1] != emb.shape[1]:
+    raise ValueError(f"{where}: `emb` [B, D] and `proxies` [C, D] must share D; got "
+                     f"{emb.shape} and {proxies.shape}.")
+  for arg, value in (("proxy_labels", proxy_labels), ("proxy_valid", proxy_valid)):
+    if value is not None and jnp.shape(value) != proxies.shape[:1]:
+      raise ValueError(f"{where}: `{arg}` must hold one entry per proxy, shape "
+                       f"({proxies.shape[0]},); got {jnp.shape(value)}.")
+  known = tuple(registry.hparam_defaults(loss))
+  unknown = sorted(set(hparams) - set(known))
+  if unknown:
+    raise ValueError(f"{where}: {loss} takes no {unknown}; its hyper-parameters are "
+                     f"{known}.")
+  dtype = gpw.compute_dtype(jnp.result_type(emb, proxies))
+  unit = proxy.normalize_proxies(proxies.astype(dtype))
+  sim = jnp.matmul(emb, unit.T, precision=precision, preferred_element_type=dtype)
+  if proxy_labels is None:
+    proxy_labels = jnp.arange(proxies.shape[0], dtype=jnp.int32)
+  spec = _ProxySpec(loss, tuple(sorted(hparams.items())), batch_size, axis_name)
+  return _proxy_block(spec, sim, jnp.asarray(labels), jnp.asarray(proxy_labels), proxy_valid)

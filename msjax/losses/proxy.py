@@ -46,10 +46,6 @@ are summed over the axis, Proxy-NCA's per-sample terms are.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -69,11 +65,8 @@ def _pairs(name, sim, labels, ref_labels, anchor_index, ref_valid, batch_size):
     ref_labels = jnp.arange(sim.shape[1], dtype=jnp.int32)
   pairs = gpw.prepare_pairs(sim, labels, ref_labels=ref_labels, ref_valid=ref_valid,
                             batch_size=batch_size, loss_name=name)
-  same = pairs.labels[:, None] == pairs.ref_labels[None, :]
-  pos, neg = same, ~same
-  if pairs.ref_valid is not None:
-    pos, neg = pos & pairs.ref_valid[None, :], neg & pairs.ref_valid[None, :]
-  return pairs, pos, neg
+  # No anchor is among the references (anchor_index is -1), so "index" drops nothing.
+  return (pairs, *gpw.pair_masks(pairs, self_pair="index"))
 
 
 def _sum(x, axis_name):
@@ -198,7 +191,8 @@ def proxy_nca_weights(sim, labels, **kwargs):
   return proxy_nca_value_and_weights(sim, labels, **kwargs)[1]
 
 
-# --- proxies: initialisation and the loss from embeddings --------------------------------
+# --- proxies: initialisation and normalisation (the loss from embeddings is
+# ``embeddings.proxy_loss_from_embeddings``) ---------------------------------------------
 
 
 def kaiming_fan_out_proxies(key, num_proxies: int, dim: int, dtype=jnp.float32):
@@ -215,89 +209,3 @@ def scaled_normal_proxies(key, num_proxies: int, dim: int, dtype=jnp.float32):
 def normalize_proxies(proxies):
   """Unit rows, as the released code's ``l2_norm``: ``p / sqrt(Σp² + 1e-12)``."""
   return proxies * jax.lax.rsqrt(jnp.sum(proxies * proxies, axis=-1, keepdims=True) + 1e-12)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """Static description of a proxy loss: hashable, a non-differentiable argument."""
-
-  name: str
-  hparams: tuple  # sorted (keyword, value) items
-  batch_size: int | None
-  axis_name: Any
-
-  def kwargs(self, ref_labels, ref_valid):
-    return dict(self.hparams, ref_labels=ref_labels, ref_valid=ref_valid,
-                batch_size=self.batch_size, axis_name=self.axis_name)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _with_analytic_grad(spec, sim, labels, ref_labels, ref_valid):
-  return _REGISTRY[spec.name][0](sim, labels, **spec.kwargs(ref_labels, ref_valid))
-
-
-def _with_analytic_grad_fwd(spec, sim, labels, ref_labels, ref_valid):
-  value, weights = _REGISTRY[spec.name][1](sim, labels, **spec.kwargs(ref_labels, ref_valid))
-  return value, weights
-
-
-def _with_analytic_grad_bwd(spec, weights, g):
-  return (g * weights).astype(weights.dtype), None, None, None
-
-
-_with_analytic_grad.defvjp(_with_analytic_grad_fwd, _with_analytic_grad_bwd)
-
-_REGISTRY = {"proxy_anchor": (proxy_anchor_loss, proxy_anchor_value_and_weights),
-             "proxy_nca": (proxy_nca_loss, proxy_nca_value_and_weights)}
-_HPARAMS = {"proxy_anchor": ("alpha", "delta"),
-            "proxy_nca": ("scale", "positive_in_denominator")}
-
-
-def proxy_loss_from_embeddings(emb, labels, proxies, *, loss="proxy_anchor",
-                               proxy_labels=None, proxy_valid=None, batch_size=None,
-                               axis_name=None, precision=jax.lax.Precision.HIGHEST,
-                               **hparams):
-  """A proxy loss of embeddings and raw proxies, with the analytic weights as ``∂L/∂S``.
-
-  ``S = emb · normalize(proxies)ᵀ``; the gradient reaches ``emb`` as ``W P̂`` and the
-  proxies as ``Wᵀ emb`` through the normalisation (autodiff of two small ops).
-
-  Args:
-    emb: ``[B, D]`` L2-normalised embeddings (this device's rows inside ``shard_map``),
-      as the embedding head gives them; the released code normalises inside its loss,
-      this function (like every loss here) takes them normalised and does not check.
-    labels: ``[B]`` their classes.
-    proxies: ``[C, D]`` the proxies as trained (any norm); the same on every device.
-    loss: ``"proxy_anchor"`` or ``"proxy_nca"``.
-    proxy_labels, proxy_valid: ``[C]`` each proxy's class (default ``arange(C)``) and
-      which proxies exist (default all).
-    batch_size: Proxy-NCA's m (default: the global number of rows).
-    axis_name: the mesh axis the rows are sharded over, inside ``shard_map``; the result
-      is then the global batch's loss on every device.
-    precision: of the similarity matmul.
-    **hparams: the loss's hyper-parameters (``alpha``, ``delta``; ``scale``, ...).
-  """
-  if loss not in _REGISTRY:
-    raise ValueError(f"msjax.losses.proxy_loss_from_embeddings: {loss!r} is not a proxy "
-                     f"loss; choose one of {tuple(_REGISTRY)}.")
-  where = "msjax.losses.proxy_loss_from_embeddings"
-  emb, proxies = jnp.asarray(emb), jnp.asarray(proxies)
-  if emb.ndim != 2 or proxies.ndim != 2 or proxies.shape[1] != emb.shape[1]:
-    raise ValueError(f"{where}: `emb` [B, D] and `proxies` [C, D] must share D; got "
-                     f"{emb.shape} and {proxies.shape}.")
-  for arg, value in (("proxy_labels", proxy_labels), ("proxy_valid", proxy_valid)):
-    if value is not None and jnp.shape(value) != proxies.shape[:1]:
-      raise ValueError(f"{where}: `{arg}` must hold one entry per proxy, shape "
-                       f"({proxies.shape[0]},); got {jnp.shape(value)}.")
-  unknown = sorted(set(hparams) - set(_HPARAMS[loss]))
-  if unknown:
-    raise ValueError(f"{where}: {loss} takes no {unknown}; its hyper-parameters are "
-                     f"{_HPARAMS[loss]}.")
-  dtype = gpw.compute_dtype(jnp.result_type(emb, proxies))
-  unit = normalize_proxies(proxies.astype(dtype))
-  sim = jnp.matmul(emb, unit.T, precision=precision, preferred_element_type=dtype)
-  if proxy_labels is None:
-    proxy_labels = jnp.arange(proxies.shape[0], dtype=jnp.int32)
-  spec = _Spec(loss, tuple(sorted(hparams.items())), batch_size, axis_name)
-  return _with_analytic_grad(spec, sim, jnp.asarray(labels), jnp.asarray(proxy_labels),
-                             proxy_valid)

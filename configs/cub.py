@@ -3,8 +3,7 @@
 Check the data, then train:
 
   python -m msjax.data check --config configs/cub.py --config.data.root=/data/CUB_200_2011
-  python -m msjax.main --config configs/cub.py --config.data.root=/data/CUB_200_2011 \
-      --config.model.pretrained=weights/bninception.npz
+  python -m msjax.main --config configs/cub.py --config.data.root=/data/CUB_200_2011
 
 Train on classes 1-100 (5,864 images), test on 101-200 (5,924), Recall@1/2/4/8/16/32.
 """
@@ -18,6 +17,7 @@ def get_config():
   c.data.classes_per_batch = 16   # released: 80 = 16 classes × 5 images
   c.data.images_per_class = 5
   c.model.backbone = "bninception"
+  c.model.pretrained = "bninception_imagenet"  # fetched, checked and cached on first use
   c.model.embedding_dim = 512
   c.model.frozen_bn = True
   c.loss.update(name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1)  # released values

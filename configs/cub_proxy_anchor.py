@@ -1,7 +1,7 @@
 """CUB-200-2011 with the Proxy-Anchor recipe (Kim et al., CVPR 2020): BN-Inception, 512-d.
 
   python -m msjax.main --config configs/cub_proxy_anchor.py \
-      --config.data.root=/data/CUB_200_2011 --config.model.pretrained=weights/bninception.npz
+      --config.data.root=/data/CUB_200_2011
 
 Quoted from the authors' release (tjddus9597/Proxy-Anchor-CVPR2020, its README's CUB
 command and train.py's defaults): Proxy-Anchor loss with α = 32, δ = 0.1 and one proxy per
@@ -38,6 +38,7 @@ def get_config():
   c.data.resize_to = 256
   c.data.crop_scale = (0.08, 1.0)
   c.model.backbone = "bninception"
+  c.model.pretrained = "bninception_imagenet"  # fetched, checked and cached on first use
   c.model.embedding_dim = 512
   c.model.pooling = "avg+max"
   c.model.frozen_bn = True

@@ -1,8 +1,7 @@
 """In-Shop Clothes Retrieval with the MS recipe (BN-Inception, 512-d).
 
   python -m msjax.data check --config configs/inshop.py --config.data.root=/data/inshop
-  python -m msjax.main --config configs/inshop.py --config.data.root=/data/inshop \
-      --config.model.pretrained=weights/bninception.npz
+  python -m msjax.main --config configs/inshop.py --config.data.root=/data/inshop
 
 ``root`` holds ``Eval/list_eval_partition.txt`` and ``Img/``. Train on 3,997 items
 (25,882 images); test 14,218 queries against a 12,612-image gallery (3,985 items),
@@ -21,6 +20,7 @@ def get_config():
   c.data.pad_small_classes = True  # some items have fewer than 4 training images
   c.data.eval_batch_size = 256
   c.model.backbone = "bninception"
+  c.model.pretrained = "bninception_imagenet"  # fetched, checked and cached on first use
   c.model.embedding_dim = 512
   c.loss.update(name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1)  # released values
   # Not published: 8,000 steps (about 120 epochs of the 3,997 items at 60 a batch), lr

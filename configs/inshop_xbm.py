@@ -1,7 +1,6 @@
 """In-Shop Clothes Retrieval with a cross-batch memory: the XBM paper's recipe.
 
-  python -m msjax.main --config configs/inshop_xbm.py --config.data.root=/data/inshop \
-      --config.model.pretrained=weights/resnet50.npz
+  python -m msjax.main --config configs/inshop_xbm.py --config.data.root=/data/inshop
 
 Contrastive loss (margin 0.5) on the batch and, after 1,000 steps, on a memory of recent
 embeddings with weight 1: Wang et al., "Cross-Batch Memory for Embedding Learning",
@@ -23,6 +22,7 @@ def get_config():
   c.data.image_size = 224
   c.data.eval_batch_size = 256
   c.model.backbone = "resnet50"
+  c.model.pretrained = "resnet50_imagenet"  # fetched, checked and cached on first use
   c.model.embedding_dim = 512
   c.loss.update(name="contrastive")
   c.loss.contrastive.lam = 0.5  # the released margin

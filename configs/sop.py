@@ -3,8 +3,7 @@
   python -m msjax.data check --config configs/sop.py \
       --config.data.root=/data/Stanford_Online_Products
   python -m msjax.main --config configs/sop.py \
-      --config.data.root=/data/Stanford_Online_Products \
-      --config.model.pretrained=weights/bninception.npz
+      --config.data.root=/data/Stanford_Online_Products
 
 Train on 11,318 products (59,551 images), test on 11,316 (60,502), Recall@1/10/100/1000.
 The batch of 1,000 splits over up to 8 devices; on 16 or more (a v4-32), use a batch
@@ -25,6 +24,7 @@ def get_config():
   c.data.pad_small_classes = True
   c.data.eval_batch_size = 256
   c.model.backbone = "bninception"
+  c.model.pretrained = "bninception_imagenet"  # fetched, checked and cached on first use
   c.model.embedding_dim = 512
   c.loss.update(name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1)  # released values
   # Not published beyond the batch: 12,000 steps (about 200 epochs of the 11,318 classes

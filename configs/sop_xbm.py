@@ -1,8 +1,7 @@
 """Stanford Online Products with a cross-batch memory: the XBM paper's recipe.
 
   python -m msjax.main --config configs/sop_xbm.py \
-      --config.data.root=/data/Stanford_Online_Products \
-      --config.model.pretrained=weights/resnet50.npz
+      --config.data.root=/data/Stanford_Online_Products
 
 Contrastive loss (margin 0.5) on the batch and, after 1,000 steps, on a memory of the last
 55,000 embeddings (of the 59,551 training images) with weight 1: Wang et al., "Cross-Batch
@@ -24,6 +23,7 @@ def get_config():
   c.data.image_size = 224
   c.data.eval_batch_size = 256
   c.model.backbone = "resnet50"
+  c.model.pretrained = "resnet50_imagenet"  # fetched, checked and cached on first use
   c.model.embedding_dim = 512  # the paper's 512-d row (the sample config has 128)
   c.loss.update(name="contrastive")
   c.loss.contrastive.lam = 0.5  # the released margin

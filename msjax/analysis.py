@@ -86,7 +86,6 @@ def load_run(workdir, *, step: int | None = None, data_root: str | None = None,
   """
   from msjax import train
   config = load_config(workdir)
-  config.model.pretrained = ""  # the checkpoint holds every weight
   if data_root is not None:
     config.data.root = data_root
   mesh, dataset, _, model, state, _, ckpt = train._setup(config, workdir, training=False,

@@ -72,11 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = m = ml_collections.ConfigDict()
   m.backbone = "bninception"
-  m.pretrained = ""          # a converted .npz (python -m msjax.models.convert); "" = random
+  # A published checkpoint by name (msjax.models.pretrained.PUBLISHED: "bninception_imagenet",
+  # "resnet50_imagenet", "vit_s16_dino", ...; downloaded, verified and converted on first
+  # use), a converted .npz (python -m msjax.models.convert), or "" for random weights.
+  m.pretrained = ""
+  m.weights_cache = ""       # where named weights are cached; "" = $MSJAX_WEIGHTS_CACHE or
+                             # ~/.cache/msjax/weights (local or gs://)
+  m.pretrained_sha256 = ""   # pins a named checkpoint's SHA-256 (where none is published)
   m.embedding_dim = 512
   m.pooling = ""             # "" = the backbone's default (max for BN-Inception)
   m.frozen_bn = True
   m.dtype = "float32"        # compute dtype: "bfloat16" on TPU/GPU
+  m.remat = False            # ViT: recompute each block in the backward pass (less memory)
 
   c.loss = ml_collections.ConfigDict(dict(
       name="ms", alpha=2.0, beta=40.0, lam=0.5, epsilon=0.1, mining=True, weighting="ms"))
@@ -132,6 +139,45 @@ def base_config() -> ml_collections.ConfigDict:
   e.ks = ()                   # Recall@K list; () = the dataset's (evaluate.DATASET_KS)
   e.nmi = False
   e.best_metric = "recall@1"
+  return c
+
+
+def dino_vit_recipe(c: ml_collections.ConfigDict, *, train_images: int, epochs: int,
+                    warmup_epochs: int, weight_decay: float, head_lr_mult: float = 1.0
+                    ) -> ml_collections.ConfigDict:
+  """The MS loss on a DINO ViT-S/16 (``configs/*_vit.py``), with the training settings of
+  the HIER release's DINO ViT-S/16 scripts (Kim et al., CVPR 2023,
+  tjddus9597/HIER-CVPR23 ``scripts/DINO/``): AdamW lr 5e-6 at batch 180 (90 classes × 2
+  images), eps 1e-4, constant lr, gradients clipped to ±10 elementwise, the backbone
+  frozen for the first ``warmup_epochs`` (their lr-0 warmup), 224-pixel crops of scale
+  0.14–1 from a 256 resize, half precision. Epochs become steps of 180 images.
+
+  Ours, not theirs: the MS loss with the MS paper's mining (ε = 0.1) and HIER's MS
+  constants α = 2, β = 50, λ = 0.5 (their ``MSLoss_Angle`` has no mining); a 384-d
+  embedding (the backbone's width; HIER's scripts train 128-d hyperbolic embeddings);
+  weight decay on every parameter (theirs spares biases and norms); bfloat16 for their
+  float16.
+  """
+  steps_per_epoch = train_images // 180
+  c.data.sampler = "pk"
+  c.data.classes_per_batch = 90
+  c.data.images_per_class = 2
+  c.data.pad_small_classes = True
+  c.data.image_size = 224
+  c.data.resize_to = 256
+  c.data.crop_scale = (0.14, 1.0)
+  c.model.backbone = "vit_s16"
+  c.model.pretrained = "vit_s16_dino"  # fetched, checked and cached on first use
+  c.model.embedding_dim = 384
+  c.model.pooling = "cls"
+  c.model.dtype = "bfloat16"
+  c.loss.update(name="ms", alpha=2.0, beta=50.0, lam=0.5, epsilon=0.1, mining=True)
+  c.optim.update(name="adamw", lr=5e-6, eps=1e-4, weight_decay=weight_decay, lr_steps=(),
+                 clip_value=10.0, frozen_backbone_steps=warmup_epochs * steps_per_epoch,
+                 head_lr_mult=head_lr_mult)
+  every = max(1, epochs // 10) * steps_per_epoch
+  c.train.update(num_steps=epochs * steps_per_epoch, eval_every=every,
+                 checkpoint_every=every)
   return c
 
 

@@ -45,6 +45,7 @@ def main(argv):
 
   from msjax import sharding, train
   from msjax.data.records import DataError
+  from msjax.models.pretrained import WeightsError
   sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_count() > 1 and not _WORKDIR.value:
     # Each host would pick its own timestamped default.
@@ -56,7 +57,7 @@ def main(argv):
       train.train_and_evaluate(_CONFIG.value, workdir)
     else:
       train.evaluate_workdir(_CONFIG.value, workdir)
-  except (DataError, train.ConfigError, FloatingPointError) as e:
+  except (DataError, train.ConfigError, WeightsError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 from msjax import evaluate as evaluate_lib
 from msjax import losses, memory, models, sharding, telemetry
 from msjax.data import records, transforms
+from msjax.models import pretrained as pretrained_lib
 
 # ---------------------------------------------------------------------------- config
 
@@ -115,16 +116,49 @@ def check_config(config, num_devices: int, process_count: int):
   if config.eval.split == "val" and not d.val_fraction:
     raise ConfigError("config.eval.split='val' needs a validation split: set "
                       "config.data.val_fraction (e.g. 0.2).")
-  pretrained = config.model.pretrained
-  if pretrained:
+  m = config.model
+  if m.pooling:
+    try:
+      models.check_pooling(m.backbone, m.pooling)
+    except ValueError as e:
+      raise ConfigError(f"config.model.pooling: {e}") from None
+  if m.pretrained and not pretrained_lib.is_name(m.pretrained):
     from etils import epath
-    if not epath.Path(pretrained).exists():
+    if not epath.Path(m.pretrained).exists():
+      names = pretrained_lib.names_for(m.backbone)
       raise ConfigError(
-          f"config.model.pretrained={pretrained} does not exist. Convert the published "
-          "weights first: python -m msjax.models.convert --arch "
-          f"{config.model.backbone} --src <downloaded .pth> --out {pretrained} "
-          "(docs/models.md), or set config.model.pretrained='' to start from random "
-          "weights.")
+          f"config.model.pretrained={m.pretrained} is neither a published checkpoint's "
+          f"name ({', '.join(names) or 'none is published'} for {m.backbone}; all: python "
+          "-m msjax.models.pretrained list) nor an existing file. Name one, or convert a "
+          "checkpoint yourself: python -m msjax.models.convert --arch "
+          f"{m.backbone} --src <downloaded .pth> --out {m.pretrained} (docs/models.md); or "
+          "set config.model.pretrained='' to start from random weights.")
+
+
+def describe_start(config) -> str:
+  """The line that says what the backbone starts from; a benchmark recipe started from
+  random weights says so loudly (its published numbers assume pretrained weights)."""
+  m = config.model
+  if m.pretrained:
+    where = (f"{pretrained_lib.PUBLISHED[m.pretrained].url}"
+             if pretrained_lib.is_name(m.pretrained) else "a converted file")
+    return f"{m.backbone} starts from pretrained weights {m.pretrained} ({where})."
+  line = f"{m.backbone} starts from RANDOM weights (config.model.pretrained='')"
+  from msjax.config import BENCHMARKS
+  if config.data.dataset in BENCHMARKS:
+    names = pretrained_lib.names_for(m.backbone)
+    line = (f"WARNING: {line}; the {config.data.dataset} recipes and their published "
+            "numbers start from pretrained weights"
+            + (f" (--config.model.pretrained={names[0]})" if names else ""))
+  return line + "."
+
+
+def resolve_pretrained(config, log=print):
+  """The converted weights file ``config.model`` starts from (``None``: random weights);
+  a published name is fetched into the cache on first use (``pretrained.resolve``)."""
+  m = config.model
+  return pretrained_lib.resolve(m.pretrained, m.backbone, cache=m.get("weights_cache", ""),
+                                pinned=m.get("pretrained_sha256", ""), log=log)
 
 
 def xbm_enabled(config) -> bool:
@@ -218,9 +252,9 @@ def create_model(config, *, seed: int):
   m = config.model
   dtype = jnp.bfloat16 if m.dtype == "bfloat16" else None
   model = models.create_model(
-      m.backbone, m.embedding_dim, rngs=nnx.Rngs(seed), pretrained=m.pretrained or None,
+      m.backbone, m.embedding_dim, rngs=nnx.Rngs(seed), pretrained=resolve_pretrained(config),
       pooling=m.pooling or None, frozen_bn=m.frozen_bn, mlp_hidden=m.get("mlp_hidden") or None,
-      dtype=dtype)
+      dtype=dtype, remat=bool(m.get("remat", False)))
   eval_graph = nnx.graphdef(model)
   model.train()
   train_graph, params, rest = nnx.split(model, nnx.Param, ...)
@@ -413,9 +447,13 @@ def _setup(config, workdir, *, training: bool, load_data: bool = True):
 
   from msjax import checkpoint as checkpoint_lib
   from msjax import data as data_lib
+  if not training:  # the checkpoint holds every weight: no pretrained file to load
+    config = config.copy_and_resolve_references()
+    config.model.pretrained = ""
   mesh = sharding.make_mesh()
   check_config(config, jax.device_count(), jax.process_count())
   dataset = data_lib.load_dataset(config.data) if load_data else None
+  resolve_pretrained(config)  # fetched on first use, before anything is compiled
   if training:
     data_lib.check_small_classes(dataset.train, config.data)
   tx = build_optimizer(config.optim, config.train.num_steps,
@@ -497,6 +535,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"{_count(jax.process_count(), 'process', 'processes')}, "
           f"{_count(n, jax.devices()[0].platform + ' device')}; global batch {batch} "
           f"({batch // n} per device); workdir {workdir}")
+    print(describe_start(config))
     if xbm_enabled(config):
       x = config.xbm
       print(f"Cross-batch memory: {x.size:,} {x.dtype} entries, weight {x.weight}, from "

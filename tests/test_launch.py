@@ -6,13 +6,11 @@ import json
 import os
 import pathlib
 import shlex
-import socket
 import subprocess
 import sys
 
 import pytest
 
-import gcs_fake
 
 REPO = pathlib.Path(__file__).parents[1]
 TPU = ["launch/tpu.py"]
@@ -283,22 +281,6 @@ def test_the_launcher_environment_names_the_coordinator(recorded_initialize, mon
 
 
 # ---------------------------------------------------------------------------- a real run
-
-
-@pytest.fixture
-def fake_gcs(tmp_path):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  server = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_fake.py"), str(port),
-                             "msjax-test"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-  try:
-    assert server.stdout.readline().strip() == "ready"
-    yield gcs_fake.environment(port)
-  finally:
-    server.kill()
-    server.wait()
 
 
 def test_two_processes_train_through_the_workers_command_on_gcs(fake_gcs, tmp_path):

@@ -48,6 +48,16 @@ def test_eight_devices_step_like_one_device():
   assert not r["square_in_sharded_hlo"]
 
 
+def test_a_vit_on_eight_devices_steps_like_one_device():
+  """The same with ViT-Ti/16 on 32-pixel images (its position embedding resampled from
+  14×14 to 2×2 inside the step): parameters agree to float32 rounding."""
+  r = run_json_script("train_sharding_check.py", "ms", "vit_ti16", timeout=600)
+  assert r["devices"] == 8
+  np.testing.assert_allclose(r["losses_8"], r["losses_1"], rtol=1e-5)
+  assert r["params_moved"] > 0.1
+  assert r["max_param_diff"] < 1e-4 * r["params_moved"]
+
+
 def two_processes_and_one(*args):
   """Runs ``scripts/train_two_process.py`` as two jax.distributed processes and as one:
   ``([result of process 0, of process 1], result alone)``, each its last JSON line."""
@@ -204,17 +214,42 @@ def test_resuming_with_another_config_names_the_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("name,devices", [("cub", 16), ("cars", 16), ("sop", 8),
-                                          ("inshop", 16), ("synthetic", 16)])
+                                          ("inshop", 16), ("synthetic", 16), ("cub_vit", 4),
+                                          ("cars_vit", 4), ("sop_vit", 4), ("inshop_vit", 4)])
 def test_every_config_fits_its_slices(name, devices):
   """Each config runs on 1 to ``devices`` devices (SOP's published batch of 1,000 stops at
-  8; its docstring says how to go beyond)."""
+  8, the ViT recipes' 180 at 4; their docstrings say how to go beyond)."""
   c = _config(name)
-  c.model.pretrained = ""
   n = 1
   while n <= devices:
     train.check_config(c, num_devices=n, process_count=min(n, 4))
     n *= 2
   assert train.loss_kwargs(c.loss)["alpha"] == 2.0
   if devices < 16:
-    with pytest.raises(train.ConfigError, match="multiple of 16"):
-      train.check_config(c, num_devices=16, process_count=4)
+    with pytest.raises(train.ConfigError, match=f"multiple of {2 * devices}"):
+      train.check_config(c, num_devices=2 * devices, process_count=4)
+
+
+BENCHMARK_CONFIGS = ("cub", "cars", "sop", "inshop", "sop_xbm", "inshop_xbm",
+                     "cub_proxy_anchor", "cub_vit", "cars_vit", "sop_vit", "inshop_vit")
+
+
+@pytest.mark.parametrize("name", BENCHMARK_CONFIGS)
+def test_benchmark_configs_start_from_their_published_weights(name):
+  """The headline command trains the published recipe: each benchmark config names the
+  weights its backbone needs, and the ViT recipes are the MS loss on DINO ViT-S/16 at
+  224 pixels in bfloat16."""
+  from msjax.models import pretrained
+  c = _config(name)
+  assert pretrained.PUBLISHED[c.model.pretrained].arch == c.model.backbone
+  assert train.describe_start(c).startswith(
+      f"{c.model.backbone} starts from pretrained weights {c.model.pretrained} (http")
+  if name.endswith("_vit"):
+    assert (c.model.backbone, c.model.pretrained, c.loss.name, c.data.image_size,
+            c.model.dtype) == ("vit_s16", "vit_s16_dino", "ms", 224, "bfloat16")
+  # From random weights, a benchmark run says so first thing, and names the weights.
+  c.model.pretrained = ""
+  line = train.describe_start(c)
+  assert line.startswith(f"WARNING: {c.model.backbone} starts from RANDOM weights")
+  assert f"--config.model.pretrained={pretrained.names_for(c.model.backbone)[0]}" in line
+  assert not train.describe_start(_config("synthetic")).startswith("WARNING")

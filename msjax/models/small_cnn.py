@@ -9,6 +9,7 @@ from flax import nnx
 from msjax.models import layers
 
 ARCH = "small_cnn"
+TORCH_IGNORE = ()
 WIDTHS = (32, 64, 128, 256)
 
 

@@ -13,10 +13,14 @@ msjax leaf            PyTorch key                 transform
 ``.../bias``          ``....bias``
 ``.../mean``          ``....running_mean``
 ``.../var``           ``....running_var``
+``cls_token`` ...     ``cls_token`` ...           none (a ViT's ``cls_token``,
+                                                  ``reg_token``, ``pos_embed`` and
+                                                  LayerScale ``gamma`` keep their names)
 ====================  ==========================  =====================================
 
 A converted file is a NumPy ``.npz`` with one array per msjax path (``"layer1/0/conv1/
-kernel"``) and ``__arch__`` naming the architecture it was converted for.
+kernel"``), ``__arch__`` naming the architecture it was converted for and, for weights
+fetched by name, ``__source__`` (JSON: the name, address and SHA-256 of the download).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import numpy as np
 from flax import nnx
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                  "mean": "running_mean", "var": "running_var"}
+                  "mean": "running_mean", "var": "running_var",
+                  **{same: same for same in ("cls_token", "reg_token", "pos_embed", "gamma")}}
 ARCH_KEY = "__arch__"
+SOURCE_KEY = "__source__"
 
 
 def flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -108,12 +114,24 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *,
   return out
 
 
-def save_npz(path, arrays: Mapping[str, np.ndarray], arch: str):
-  """Writes the converted arrays (local or ``gs://``), tagged with the architecture."""
+def save_npz(path, arrays: Mapping[str, np.ndarray], arch: str, source: dict | None = None):
+  """Writes the converted arrays (local or ``gs://``), tagged with the architecture and,
+  optionally, where they came from. The file appears whole or not at all: it is written
+  under a temporary name in the same directory and renamed."""
+  import json
+  import uuid
+
   from etils import epath
   buf = io.BytesIO()
-  np.savez(buf, **{ARCH_KEY: np.array(arch)}, **arrays)
-  epath.Path(path).write_bytes(buf.getvalue())
+  tags = {ARCH_KEY: np.array(arch)}
+  if source is not None:
+    tags[SOURCE_KEY] = np.array(json.dumps(source))
+  np.savez(buf, **tags, **arrays)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+  tmp.write_bytes(buf.getvalue())
+  tmp.rename(path)
 
 
 def load_npz(path) -> tuple[str | None, dict[str, np.ndarray]]:
@@ -128,6 +146,7 @@ def load_npz(path) -> tuple[str | None, dict[str, np.ndarray]]:
   with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
   arch = arrays.pop(ARCH_KEY, None)
+  arrays.pop(SOURCE_KEY, None)
   return (str(arch) if arch is not None else None), arrays
 
 
@@ -168,9 +187,17 @@ def _init_values(key, specs):
     fan_out = int(np.prod(shape)) // shape[-2]
     by_index[i] = draws[start:start + size].reshape(shape) * np.sqrt(2.0 / fan_out)
     start += size
+  tokens = [i for i, (leaf, _, _) in enumerate(specs)
+            if leaf in ("cls_token", "reg_token", "pos_embed")]
+  token_keys = jax.random.split(jax.random.fold_in(key, 1), max(len(tokens), 1))
   for i, (leaf, shape, dtype) in enumerate(specs):
     if i in by_index:
       value = by_index[i]
+    elif i in tokens:  # a ViT's tokens and position embedding: N(0, 0.02²), as timm's
+      value = 0.02 * jax.random.normal(token_keys[tokens.index(i)], shape)
+    elif leaf == "gamma":  # LayerScale: DINOv2's init_values
+      from msjax.models.vit import LAYER_SCALE_INIT
+      value = jnp.full(shape, LAYER_SCALE_INIT)
     elif leaf in ("scale", "var"):
       value = jnp.ones(shape)
     else:  # bias, mean
@@ -182,7 +209,8 @@ def _init_values(key, specs):
 def initialise(model: nnx.Module, key):
   """Gives every parameter and BatchNorm statistic of ``model`` (built abstract, with
   ``nnx.eval_shape``) its initial value in one compiled call: Kaiming-normal fan_out
-  kernels, zero biases, BatchNorm scale 1, bias 0, mean 0, variance 1."""
+  kernels, zero biases, BatchNorm and LayerNorm scale 1, bias 0, mean 0, variance 1; a
+  ViT's tokens and position embedding N(0, 0.02²), LayerScale 1e-5."""
   import jax
   variables = flat_variables(model)
   specs = tuple((path.rsplit("/", 1)[-1], tuple(v.shape), jnp.dtype(v.dtype).name)

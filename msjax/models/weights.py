@@ -75,6 +75,16 @@ def _from_torch(value: np.ndarray, path: str) -> np.ndarray:
   return value
 
 
+def _to_torch_shape(shape, path) -> tuple[int, ...]:
+  """An msjax variable's shape in PyTorch's layout (the inverse of ``_from_torch``)."""
+  shape = tuple(shape)
+  if path.endswith("/kernel") and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if path.endswith("/kernel") and len(shape) == 2:
+    return shape[::-1]
+  return shape
+
+
 def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *,
                        ignore_prefixes: Iterable[str] = ()) -> dict[str, np.ndarray]:
   """Maps a PyTorch state dict onto ``model``'s variables, checking it key by key.
@@ -105,8 +115,9 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, object], *,
     value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
     value = _from_torch(value.astype(np.float32), path)
     want = tuple(variables[path].shape)
-    if value.shape != want:
-      problems.append(f"{key} -> {path}: checkpoint shape {value.shape}, model shape {want}")
+    if value.shape != want:  # both in PyTorch's layout, as the checkpoint's author knows it
+      problems.append(f"{key}: checkpoint shape {_to_torch_shape(value.shape, path)}, "
+                      f"the architecture's {_to_torch_shape(want, path)}")
     out[path] = value
   if problems:
     raise ValueError("The state dict does not match the architecture:\n  "

@@ -50,7 +50,7 @@ MIN_RUNNABLE = {
     "docs/launching.md": 3,
     "docs/losses.md": 3,
     "docs/memory.md": 2,
-    "docs/models.md": 1,
+    "docs/models.md": 3,
     "docs/performance.md": 1,
     "docs/proxies.md": 2,
     "docs/search.md": 2,

@@ -228,7 +228,8 @@ def test_converter_rejects_a_wrong_shape(state_dict):
   broken = dict(state_dict)
   broken["inception_3a_pool_proj.weight"] = torch.zeros(64, 192, 1, 1)  # 32 outputs
   with pytest.raises(ValueError,
-                     match=r"inception_3a_pool_proj\.weight.*\(1, 1, 192, 64\)"):
+                     match=r"inception_3a_pool_proj\.weight: checkpoint shape "
+                           r"\(64, 192, 1, 1\), the architecture's \(32, 192, 1, 1\)"):
     weights.convert_state_dict(model, broken, ignore_prefixes=bninception.TORCH_IGNORE)
 
 

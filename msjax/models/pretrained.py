@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -217,7 +218,7 @@ def _download(url: str, path: str, name: str, cache: str, pinned: str) -> tuple[
         sha.update(chunk)
         out.write(chunk)
         size += len(chunk)
-  except (urllib.error.URLError, OSError, ValueError) as e:
+  except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
     reason = getattr(e, "reason", None) or e
     raise WeightsError(
         f"Could not download pretrained weights {name!r} from {url}: {reason}. Expected "

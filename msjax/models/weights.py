@@ -187,6 +187,8 @@ def load_pretrained(model: nnx.Module, path, arch: str):
 def _init_values(key, specs):
   """Fresh values for ``initialise``: one random draw for every kernel, all at once."""
   import jax
+
+  from msjax.models import vit
   kernels = [(i, shape) for i, (leaf, shape, _) in enumerate(specs) if leaf == "kernel"]
   sizes = [int(np.prod(shape)) for _, shape in kernels]
   draws = jax.random.normal(key, (sum(sizes),), jnp.float32)
@@ -207,8 +209,7 @@ def _init_values(key, specs):
     elif i in tokens:  # a ViT's tokens and position embedding: N(0, 0.02²), as timm's
       value = 0.02 * jax.random.normal(token_keys[tokens.index(i)], shape)
     elif leaf == "gamma":  # LayerScale: DINOv2's init_values
-      from msjax.models.vit import LAYER_SCALE_INIT
-      value = jnp.full(shape, LAYER_SCALE_INIT)
+      value = jnp.full(shape, vit.LAYER_SCALE_INIT)
     elif leaf in ("scale", "var"):
       value = jnp.ones(shape)
     else:  # bias, mean

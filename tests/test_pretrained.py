@@ -103,8 +103,7 @@ def test_first_use_downloads_checks_converts_and_caches_then_never_asks_again(
   assert arch == "small_cnn" and cached.keys() == arrays.keys()
   for k in arrays:
     np.testing.assert_array_equal(cached[k], arrays[k])
-  with np.load(path) as raw:  # where the weights came from, kept in the file
-    source = json.loads(str(raw[weights.SOURCE_KEY]))
+  source = weights.read_source(path)  # where the weights came from, kept in the file
   assert source == dict(name="small_full", url=entry.url, sha256=digest, bytes=len(body))
   # The model loaded from the name computes what the source weights compute.
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
@@ -151,9 +150,13 @@ def test_a_wrong_file_is_refused_and_not_cached(server, monkeypatch, tmp_path):
   with pytest.raises(pretrained.WeightsError, match="config.model.pretrained_sha256"):
     pretrained.fetch("small_unpublished", cache=str(tmp_path), pinned="ab" * 32)
   assert list(tmp_path.iterdir()) == []
-  # Pinned to the right hash (either case), it is accepted.
+  # Pinned to the right hash (either case), it is accepted; a cached file is held to a
+  # pin set later too, through the hash its download had.
   assert pretrained.fetch("small_unpublished", cache=str(tmp_path),
                           pinned=hashlib.sha256(other).hexdigest().upper()).exists()
+  with pytest.raises(pretrained.WeightsError, match="was converted from a download with "
+                     f"SHA-256 {hashlib.sha256(other).hexdigest()}, not the pinned "):
+    pretrained.fetch("small_unpublished", cache=str(tmp_path), pinned="cd" * 32)
 
 
 @pytest.mark.parametrize("published", ["sha256", "nothing"])
@@ -219,11 +222,11 @@ def test_the_cache_directory_setting_and_environment(monkeypatch, tmp_path):
 
 _GCS_FETCH = """
 import json, sys
-from msjax.models import pretrained
+from msjax.models import pretrained, weights
 url, digest = sys.argv[1], sys.argv[2]
 pretrained.PUBLISHED["small_gcs"] = pretrained.Published("small_cnn", url, "t", sha256=digest)
 path = pretrained.fetch("small_gcs", cache="gs://msjax-test/weights", log=lambda s: None)
-arch, arrays = __import__("msjax.models.weights", fromlist=["x"]).load_npz(path)
+arch, arrays = weights.load_npz(path)
 print(json.dumps({"path": str(path), "arch": arch, "n": len(arrays)}))
 """
 

@@ -39,6 +39,8 @@ import urllib.request
 
 from etils import epath
 
+from msjax.models import weights
+
 CACHE_ENV = "MSJAX_WEIGHTS_CACHE"
 _CHUNK = 1 << 20
 
@@ -171,10 +173,16 @@ def fetch(name: str, *, cache: str = "", pinned: str = "", log=print) -> epath.P
     raise WeightsError(f"{name!r} is not a published checkpoint msjax knows; choose one "
                        f"of {sorted(PUBLISHED)}.")
   dest = cached_path(name, cache)
+  pinned = pinned.lower()
   if dest.exists():
+    if pinned:  # the cache was filled from a download whose hash is recorded in it
+      got = (weights.read_source(dest) or {}).get("sha256")
+      if got != pinned:
+        raise WeightsError(
+            f"{dest} was converted from a download with SHA-256 {got}, not the pinned "
+            f"{pinned} (config.model.pretrained_sha256); delete it to fetch again.")
     return dest
   p = PUBLISHED[name]
-  pinned = pinned.lower()
   log(f"Pretrained weights {name}: first use, downloading {p.url}")
   with tempfile.TemporaryDirectory(prefix="msjax-weights-") as tmp:
     local = os.path.join(tmp, p.filename)
@@ -198,7 +206,6 @@ def fetch(name: str, *, cache: str = "", pinned: str = "", log=print) -> epath.P
     except ValueError as e:  # CheckpointFileError included
       raise WeightsError(f"{p.url} (SHA-256 {digest}) is not a usable {p.arch} "
                          f"checkpoint: {e}\nNothing was cached.") from None
-  from msjax.models import weights
   source = dict(name=name, url=p.url, sha256=digest, bytes=size)
   weights.save_npz(dest, arrays, p.arch, source=source)
   log(f"  converted {len(arrays)} arrays, cached at {dest}")

@@ -161,6 +161,15 @@ def load_npz(path) -> tuple[str | None, dict[str, np.ndarray]]:
   return (str(arch) if arch is not None else None), arrays
 
 
+def read_source(path) -> dict | None:
+  """Where a converted file's weights came from (``save_npz(source=...)``), or ``None``."""
+  import json
+
+  from etils import epath
+  with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as data:
+    return json.loads(str(data[SOURCE_KEY])) if SOURCE_KEY in data.files else None
+
+
 def assign(model: nnx.Module, arrays: Mapping[str, np.ndarray], *, source: str = "weights"):
   """Sets every parameter and batch statistic of ``model`` from ``arrays`` (exact keys)."""
   variables = flat_variables(model)

@@ -145,7 +145,7 @@ def worker_msjax_load(npz: str) -> dict:
 
 def worker_torch(url: str, cache: str) -> dict:
   from timm_ref import import_timm
-  timm = import_timm()
+  timm = import_timm(skip_if_missing=False)
   import torch
 
   torch.set_num_threads(os.cpu_count() or 1)

@@ -134,7 +134,7 @@ def timm_side(threads: int):
   """``(backbone, head, step)``: timm's ViT-S/16, the head, and ``step(x, y) -> loss``
   (a forward and ``loss.backward()``; the gradients stay in ``.grad``)."""
   from timm_ref import import_timm
-  timm = import_timm()
+  timm = import_timm(skip_if_missing=False)
   import torch
   from pytorch_metric_learning import losses, miners
 

@@ -9,16 +9,23 @@ and these tests call neither operator.
 
 from __future__ import annotations
 
-import pytest
 
-
-def import_timm():
-  """``timm``, or a skip when the test extras are not installed."""
-  torch = pytest.importorskip("torch")
-  for op in ("nms", "qnms"):
-    try:
-      torch.library.define(f"torchvision::{op}",
-                           "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    except RuntimeError:  # already declared (torchvision's ops loaded, or a second call)
-      pass
-  return pytest.importorskip("timm")
+def import_timm(skip_if_missing: bool = True):
+  """``timm``; without it (or torch), a pytest skip, or with ``skip_if_missing=False``
+  (the benchmarks) the ImportError."""
+  try:
+    import torch
+    for op in ("nms", "qnms"):
+      try:
+        torch.library.define(f"torchvision::{op}",
+                             "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+      except RuntimeError:  # already declared (torchvision's ops loaded, or a second call)
+        pass
+    import timm
+  except ImportError as e:
+    if not skip_if_missing:
+      raise
+    import pytest
+    pytest.skip(f"timm is not installed ({e}); pip install -e '.[test]'",
+                allow_module_level=True)
+  return timm

@@ -392,3 +392,38 @@ def test_remat_gives_the_same_gradients(embedder, plain_grads):
   for path, g in want.items():
     # Recomputed activations may round differently once XLA fuses them anew.
     assert np.max(np.abs(grads[path] - g)) <= RTOL_REMAT * np.max(np.abs(g)), path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_convert_command_reads_timm_and_dino_files(tmp_path, fmt):
+  """``python -m msjax.models.convert --arch vit_ti16`` on a timm ``.safetensors`` file
+  (with the ImageNet classifier, which is ignored) and on a DINO-style full training
+  checkpoint (``{"teacher": {"backbone.…", "head.…"}, "args": …}``): the written ``.npz``
+  loads into a model whose tokens equal timm's."""
+  import subprocess
+  import sys
+  ref = _timm("vit_ti16", seed=3)
+  state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+  src = tmp_path / f"ti16.{fmt}"
+  if fmt == "safetensors":
+    from safetensors.torch import save_file
+    save_file({**state, "head.weight": torch.zeros(1000, 192),
+               "head.bias": torch.zeros(1000)}, str(src))
+  else:
+    teacher = {**{f"backbone.{k}": v for k, v in state.items()},
+               "head.mlp.0.weight": torch.zeros(8, 192),
+               "head.last_layer.weight_g": torch.ones(1, 1)}
+    torch.save({"teacher": teacher, "student": teacher, "epoch": 100}, src)
+  out = tmp_path / "ti16.npz"
+  done = subprocess.run([sys.executable, "-m", "msjax.models.convert", "--arch", "vit_ti16",
+                         "--src", str(src), "--out", str(out)],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "wrote" in done.stdout and f"{PARAMS['vit_ti16']:,} values" in done.stdout
+  model = models.create_backbone("vit_ti16", rngs=nnx.Rngs(0), pretrained=out)
+  x = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
+  with torch.no_grad():
+    want = ref.forward_features(torch.tensor(x)).numpy()
+  tokens = jax.jit(lambda m, x: m.tokens(x))
+  got = np.asarray(tokens(model, jnp.asarray(x.transpose(0, 2, 3, 1))))
+  assert np.abs(got - want).max() <= TOL * np.abs(want).max()

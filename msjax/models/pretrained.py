@@ -228,8 +228,8 @@ def _download(url: str, path: str, name: str, cache: str, pinned: str) -> tuple[
   except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
     reason = getattr(e, "reason", None) or e
     raise WeightsError(
-        f"Could not download pretrained weights {name!r} from {url}: {reason}. Expected "
-        f"{PUBLISHED[name].expected(pinned)}. This machine may be offline. "
+        f"Could not download pretrained weights {name!r} from {url}: {reason}. Its "
+        f"check: {PUBLISHED[name].expected(pinned)}. This machine may be offline. "
         + manual_steps(name, cache, pinned)) from None
   if length is not None and size != int(length):
     raise WeightsError(

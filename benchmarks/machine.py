@@ -27,11 +27,16 @@ def environment(**versions) -> dict:
   return info
 
 
-def write_results(name: str, payload, markdown: str, *, indent: int = 1) -> None:
-  """``benchmarks/results/<name>.json`` (``payload``) and ``<name>.md`` (``markdown``)."""
-  results = os.path.join(REPO, "benchmarks", "results")
-  os.makedirs(results, exist_ok=True)
-  with open(os.path.join(results, f"{name}.json"), "w") as f:
+def write_results(name: str, payload, markdown: str, *, indent: int = 1,
+                  out: str | None = None) -> tuple[str, str]:
+  """``benchmarks/results/<name>.json`` (``payload``) and ``<name>.md`` (``markdown``), or,
+  with ``out``, ``out`` with its extension replaced by ``.json`` and ``.md``; returns the
+  two paths."""
+  base = (os.path.splitext(out)[0] if out
+          else os.path.join(REPO, "benchmarks", "results", name))
+  os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+  with open(base + ".json", "w") as f:
     json.dump(payload, f, indent=indent)
-  with open(os.path.join(results, f"{name}.md"), "w") as f:
+  with open(base + ".md", "w") as f:
     f.write(markdown)
+  return base + ".json", base + ".md"

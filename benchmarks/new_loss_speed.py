@@ -1040,14 +1040,8 @@ def main(argv=None):
                      ratios=[{k: (v if not isinstance(v, dict) else ok_s(v))
                               for k, v in r.items()} for r in rows],
                      profile=profiles, table=text_table(results), summary=summary)
-      out_dir = os.path.dirname(os.path.abspath(args.out))
-      os.makedirs(out_dir, exist_ok=True)
-      with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
-      md_path = os.path.splitext(args.out)[0] + ".md"
-      with open(md_path, "w") as f:
-        f.write(md)
-      print(f"# wrote {args.out} and {md_path}")
+      paths = machine.write_results("new_loss_speed", payload, md, out=args.out)
+      print("# wrote {} and {}".format(*paths))
     else:
       print("\n" + md)
   finally:

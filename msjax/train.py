@@ -140,7 +140,7 @@ def describe_start(config) -> str:
   random weights says so loudly (its published numbers assume pretrained weights)."""
   m = config.model
   if m.pretrained:
-    where = (f"{pretrained_lib.PUBLISHED[m.pretrained].url}"
+    where = (pretrained_lib.PUBLISHED[m.pretrained].url
              if pretrained_lib.is_name(m.pretrained) else "a converted file")
     return f"{m.backbone} starts from pretrained weights {m.pretrained} ({where})."
   line = f"{m.backbone} starts from RANDOM weights (config.model.pretrained='')"
@@ -447,13 +447,15 @@ def _setup(config, workdir, *, training: bool, load_data: bool = True):
 
   from msjax import checkpoint as checkpoint_lib
   from msjax import data as data_lib
+  config = config.copy_and_resolve_references()  # the model below reads this copy
   if not training:  # the checkpoint holds every weight: no pretrained file to load
-    config = config.copy_and_resolve_references()
     config.model.pretrained = ""
   mesh = sharding.make_mesh()
   check_config(config, jax.device_count(), jax.process_count())
   dataset = data_lib.load_dataset(config.data) if load_data else None
-  resolve_pretrained(config)  # fetched on first use, before anything is compiled
+  # Fetched on first use, before anything is compiled; from here on the file's path, so
+  # building the model does not look the name up (or read a pinned file's hash) again.
+  config.model.pretrained = str(resolve_pretrained(config) or "")
   if training:
     data_lib.check_small_classes(dataset.train, config.data)
   tx = build_optimizer(config.optim, config.train.num_steps,

@@ -43,8 +43,7 @@ def poolings(name: str) -> tuple[str, ...]:
 
 
 def check_pooling(name: str, pooling: str):
-  if pooling not in poolings(name):
-    raise ValueError(f"{name}'s pooling must be one of {poolings(name)}; got {pooling!r}.")
+  layers.check_pooling(pooling, poolings(name), name)
 
 
 def backbone_class(name: str):

@@ -115,9 +115,11 @@ def avg_pool(x, kernel, stride=None, padding=0, ceil_mode=False, count_include_p
 POOLINGS = ("max", "avg", "avg+max")
 
 
-def check_pooling(kind):
-  if kind not in POOLINGS:
-    raise ValueError(f"pooling must be one of {POOLINGS}; got {kind!r}.")
+def check_pooling(kind, choices=POOLINGS, owner: str = ""):
+  """Raises ``ValueError`` unless ``kind`` is one of ``choices`` (``owner``: whose)."""
+  if kind not in choices:
+    whose = f"{owner}'s " if owner else ""
+    raise ValueError(f"{whose}pooling must be one of {choices}; got {kind!r}.")
 
 
 def global_pool(x, kind="max"):

@@ -172,7 +172,7 @@ class ViT(nnx.Module):
 
   def __init__(self, size: Size, *, rngs: nnx.Rngs, pooling: str = "cls", dtype=None,
                param_dtype=jnp.float32, remat: bool = False):
-    check_pooling(pooling)
+    layers.check_pooling(pooling, POOLINGS, "a ViT")
     self.size = size
     self.pooling = pooling
     self.remat = remat
@@ -220,11 +220,6 @@ class ViT(nnx.Module):
       return cls
     mean = jnp.mean(x[:, self.num_prefix:].astype(jnp.float32), axis=1).astype(x.dtype)
     return mean if self.pooling == "mean" else jnp.concatenate([cls, mean], axis=-1)
-
-
-def check_pooling(kind):
-  if kind not in POOLINGS:
-    raise ValueError(f"a ViT's pooling must be one of {POOLINGS}; got {kind!r}.")
 
 
 def _named(name):

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from msjax.models import vit
+
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
                   "mean": "running_mean", "var": "running_var",
                   **{same: same for same in ("cls_token", "reg_token", "pos_embed", "gamma")}}
@@ -196,8 +198,6 @@ def load_pretrained(model: nnx.Module, path, arch: str):
 def _init_values(key, specs):
   """Fresh values for ``initialise``: one random draw for every kernel, all at once."""
   import jax
-
-  from msjax.models import vit
   kernels = [(i, shape) for i, (leaf, shape, _) in enumerate(specs) if leaf == "kernel"]
   sizes = [int(np.prod(shape)) for _, shape in kernels]
   draws = jax.random.normal(key, (sum(sizes),), jnp.float32)
